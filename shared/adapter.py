@@ -1,0 +1,112 @@
+"""The adapter file: one concept (a client's ED-LoRA) or many (a fused result), as safetensors.
+
+Tensors: `lora.<layer>.A` [r, d_in], `lora.<layer>.B` [d_out, r] (scale folded in: ΔW = B @ A), and
+`emb.<concept>` [layers, 2, dim]. The safetensors header's metadata holds `mos` = JSON:
+{"format": "mos-adapter", "version": 1, "fingerprint": ..., "concepts": [{name, class_word}], ...}.
+No pickle anywhere: reading an adapter never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .concepts import Concept
+from .lora import Lora
+
+FORMAT = "mos-adapter"
+VERSION = 1
+FILENAME = "adapter.safetensors"
+MAX_BYTES = 2 << 30  # an SD1.5 fused adapter of 100 concepts stays well below this
+
+
+class AdapterError(ValueError):
+    pass
+
+
+@dataclass
+class Adapter:
+    fingerprint: str
+    concepts: list[Concept]
+    lora: Lora
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def ranks(self) -> dict[str, int]:
+        return {layer: int(A.shape[0]) for layer, (B, A) in self.lora.items()}
+
+
+def adapter_file(path: str | Path) -> Path:
+    p = Path(path)
+    return p / FILENAME if p.is_dir() else p
+
+
+def save(adapter: Adapter, path: str | Path) -> Path:
+    """Write atomically: a reader never sees half a file."""
+    path = adapter_file(path) if Path(path).is_dir() else Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for layer, (B, A) in adapter.lora.items():
+        tensors[f"lora.{layer}.A"] = A.detach().float().contiguous().cpu()
+        tensors[f"lora.{layer}.B"] = B.detach().float().contiguous().cpu()
+    for c in adapter.concepts:
+        tensors[f"emb.{c.name}"] = c.embeddings.detach().float().contiguous().cpu()
+    meta = {**adapter.meta, "format": FORMAT, "version": VERSION, "fingerprint": adapter.fingerprint,
+            "concepts": [{"name": c.name, "class_word": c.class_word} for c in adapter.concepts]}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"mos": json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(path: str | Path, max_bytes: int = MAX_BYTES) -> Adapter:
+    """Read and check an adapter; every problem is an AdapterError naming the file and the part."""
+    f = adapter_file(path)
+    if not f.is_file():
+        raise AdapterError(f"no adapter at {path} (expected {FILENAME} in a folder, or the file itself)")
+    if f.stat().st_size > max_bytes:
+        raise AdapterError(f"{f}: {f.stat().st_size} bytes is over the {max_bytes}-byte cap")
+    try:
+        with safe_open(f, framework="pt") as st:
+            meta = json.loads((st.metadata() or {}).get("mos", "null") or "null")
+            tensors = {k: st.get_tensor(k) for k in st.keys()}
+    except Exception as e:
+        raise AdapterError(f"{f}: not a readable safetensors adapter ({type(e).__name__}: {e})") from e
+    return from_tensors(tensors, meta, str(f))
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], meta: Any, where: str) -> Adapter:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterError(f"{where}: not a mos adapter (no '{FORMAT}' metadata)")
+    if meta.get("version") != VERSION:
+        raise AdapterError(f"{where}: adapter version {meta.get('version')!r}, this build reads {VERSION}")
+    lora: Lora = {}
+    layers = sorted({k[5:-2] for k in tensors if k.startswith("lora.")})
+    for layer in layers:
+        A, B = tensors.get(f"lora.{layer}.A"), tensors.get(f"lora.{layer}.B")
+        if A is None or B is None or A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise AdapterError(f"{where}: LoRA of {layer} is incomplete or has inconsistent shapes")
+        lora[layer] = (B.float(), A.float())
+    concepts = []
+    for c in meta.get("concepts", []):
+        emb = tensors.get(f"emb.{c.get('name')}")
+        if emb is None or emb.ndim != 3:
+            raise AdapterError(f"{where}: concept {c.get('name')!r} has no layer-wise embeddings")
+        concepts.append(Concept(c["name"], c.get("class_word", ""), emb.float()))
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{where}: tensor {name} holds NaN or Inf")
+    extra = {k: v for k, v in meta.items() if k not in ("format", "version", "fingerprint", "concepts")}
+    return Adapter(meta.get("fingerprint", ""), concepts, lora, extra)

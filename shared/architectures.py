@@ -1,0 +1,61 @@
+"""Configs of the bases the project can build without any download: `tiny` (SD1.5 block layout at toy widths)
+and `sd15-random` (the real SD1.5 architecture). Both keep SD1.5's 16 cross-attention layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+
+# SD1.x noise schedule (training and the default for sampling schedulers).
+SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+CLIP_IDS = {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407, "vocab_size": 49408}
+
+
+def tiny() -> dict[str, dict[str, Any]]:
+    return {
+        "unet": dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 32, 64, 64), down_block_types=_DOWN, up_block_types=_UP,
+            attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8,
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32),
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.18215,
+        ),
+        "text_encoder": dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, **CLIP_IDS,
+        ),
+    }
+
+
+def sd15() -> dict[str, dict[str, Any]]:
+    return {
+        "unet": dict(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), down_block_types=_DOWN, up_block_types=_UP,
+            attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+        ),
+        "text_encoder": dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, **CLIP_IDS,
+        ),
+    }

@@ -1,0 +1,47 @@
+"""Shared fixtures. Tests import the installed `mos` package (never the source folders by path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+# One cache of built bases for the whole run (the tiny base takes seconds to build); subprocesses inherit it.
+os.environ.setdefault("MOS_HOME", tempfile.mkdtemp(prefix="mos-test-home-"))
+for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
+             "FLWR_DISABLE_UPDATE_CHECK": "1", "TRANSFORMERS_VERBOSITY": "error"}.items():
+    os.environ.setdefault(k, v)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an installed console script (mos, mos-server, mos-client) as a user would."""
+    exe = Path(sys.executable).parent / args[0]
+    proc = subprocess.run([str(exe), *args[1:]], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """A loaded tiny base. Tests that mutate it (LoRA, processors) must use `fresh_base` instead."""
+    from mos.shared.base import load_base
+
+    return load_base("tiny")
+
+
+@pytest.fixture
+def fresh_base():
+    from mos.shared.base import load_base
+
+    return load_base("tiny")
