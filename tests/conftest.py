@@ -45,3 +45,24 @@ def fresh_base():
     from mos.shared.base import load_base
 
     return load_base("tiny")
+
+
+def random_adapter(base, name: str, class_word: str, seed: int, scale: float = 0.1, rank: int = 4):
+    """A concept adapter with random LoRA on every target layer and perturbed class-word embeddings."""
+    import copy
+
+    from mos.shared.adapter import Adapter
+    from mos.shared.concepts import Concept
+    from mos.shared.model import ConceptModel
+    from mos.shared.sites import input_sites
+
+    g = torch.Generator().manual_seed(seed)
+    model = ConceptModel(copy.deepcopy(base))
+    emb = model.prompts.init_embeddings(class_word, g)
+    emb = emb + 0.05 * torch.randn(emb.shape, generator=g)
+    lora = {}
+    for site in input_sites(base.text_encoder, base.unet):
+        for layer, out_dim in zip(site.layers, site.out_dims):
+            lora[layer] = (scale * torch.randn(out_dim, rank, generator=g),
+                           torch.randn(rank, site.dim, generator=g) / site.dim ** 0.5)
+    return Adapter(base.fingerprint, [Concept(name, class_word, emb)], lora)

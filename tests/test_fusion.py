@@ -1,0 +1,177 @@
+"""Gradient fusion end to end on the tiny base: statistics capture, the staged driver, validation, `mos fuse`."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import random_adapter, run_cli
+from mos.server.fusion import Fusion, FusionError, run_fusion
+from mos.server.local_runner import LocalRunner
+from mos.shared import adapter as adapter_io
+from mos.shared import stages
+from mos.shared.model import ConceptModel
+from mos.shared.sampling import denoise, initial_latents
+from mos.shared.sites import input_sites
+from mos.shared.stats import Gram, StatsRecorder
+
+
+@pytest.fixture(scope="module")
+def alice(tiny_base):
+    return random_adapter(tiny_base, "alice", "doll", seed=1)
+
+
+@pytest.fixture(scope="module")
+def bob(tiny_base):
+    return random_adapter(tiny_base, "bob", "robot", seed=2)
+
+
+def test_recorded_grams_equal_grams_of_explicit_inputs(tiny_base, alice):
+    model = ConceptModel.from_adapter(copy.deepcopy(tiny_base), alice)
+    sites = [s for s in input_sites(tiny_base.text_encoder, tiny_base.unet)
+             if s.name.endswith(("layers.1.self_attn.qkv", "up_blocks.1.attentions.2.transformer_blocks.0.attn1.qkv",
+                                 "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"))]
+    assert len(sites) == 3
+    seen: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    handles = []
+    for s in sites:  # record raw inputs of the *last* layer of each site: it must see the same tensor
+        comp, _, path = s.layers[-1].partition(".")
+        mod = model.models[comp].get_submodule(path)
+        handles.append(mod.register_forward_pre_hook(lambda m, a, n=s.name: seen[n].append(a[0].detach().clone())))
+    with StatsRecorder(model.models, sites) as rec:
+        cond, uncond = model.encode(["a photo of <alice>"]), model.encode([""])
+        denoise(model, cond, uncond, initial_latents(model, 1, 0), steps=3, progress=False)
+    for h in handles:
+        h.remove()
+    for s in sites:
+        X = torch.cat([x.reshape(-1, s.dim) for x in seen[s.name]]).double()
+        g = rec.stats[s.name]
+        assert g.rows == X.shape[0] > 0
+        torch.testing.assert_close(g.gram, X.T @ X, rtol=1e-10, atol=1e-10)
+
+
+def test_kv_statistics_read_concept_tokens_and_end_token_per_layer(tiny_base, alice):
+    model = ConceptModel.from_adapter(copy.deepcopy(tiny_base), alice)
+    stats = stages.kv_stats(model, "alice")
+    n_prompts = len(stages.PROMPTS)
+    assert len(stats) == 16 and all(g.rows == 3 * n_prompts for g in stats.values())
+    # layer-wise embeddings: change layer 3's rows and only layer 3's k/v statistics move
+    with torch.no_grad():
+        model.prompts.embedding.tables["alice"][3] += 0.5
+    moved = stages.kv_stats(model, "alice")
+    changed = [k for k in stats if not torch.allclose(stats[k].gram, moved[k].gram)]
+    names = sorted(stats, key=list(stats).index)
+    assert changed == [names[3]]
+
+
+def test_single_concept_fusion_reproduces_its_own_model(tiny_base, alice):
+    fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet))
+    result = run_fusion(LocalRunner(tiny_base, [alice], steps=4, progress=False), fusion)
+    res = result.meta["fusion"]["residuals"]["alice"]
+    assert len(res) == 88 and max(res.values()) <= 1e-6
+    assert {c.name for c in result.concepts} == {"alice"}
+
+
+def test_two_concepts_staged_and_one_shot(tiny_base, alice, bob):
+    sites = input_sites(tiny_base.text_encoder, tiny_base.unet)
+    results = {}
+    for one_shot in (False, True):
+        fusion = Fusion(tiny_base.fingerprint, sites)
+        results[one_shot] = run_fusion(LocalRunner(tiny_base, [alice, bob], steps=4, progress=False), fusion, one_shot)
+    for r in results.values():
+        assert sorted(c.name for c in r.concepts) == ["alice", "bob"]
+        ranks = r.ranks()
+        assert len(ranks) == 4 * 4 + 16 * 8 and all(v == 8 for v in ranks.values())  # exact LoRA of rank Σr
+        # each concept is reproduced much better than by either concept's delta alone would allow
+        assert all(max(v.values()) < 1.0 for v in r.meta["fusion"]["residuals"].values())
+    assert results[False].meta["fusion"]["mode"] == "staged"
+    assert results[True].meta["fusion"]["mode"] == "one-shot"
+
+
+def _stage1_fusion(base, adapters):
+    fusion = Fusion(base.fingerprint, input_sites(base.text_encoder, base.unet))
+    runner = LocalRunner(base, adapters, progress=False)
+    for name, (a, stats) in runner.stage1(False).items():
+        fusion.add(a)
+        fusion.add_stats(name, stats)
+    return fusion, runner
+
+
+def test_add_then_remove_returns_previous_result(tiny_base, alice, bob):
+    fusion, _ = _stage1_fusion(tiny_base, [alice])
+    before = fusion.solve(1)
+    carol = random_adapter(tiny_base, "carol", "dog", seed=3)
+    stats = LocalRunner(tiny_base, [carol], progress=False).stage1(False)["carol"][1]
+    fusion.add(carol)
+    fusion.add_stats("carol", stats)
+    assert fusion.solve(1).keys() == before.keys()
+    fusion.remove("carol")
+    after = fusion.solve(1)
+    for layer, (B, A) in before.items():
+        torch.testing.assert_close(after[layer][0] @ after[layer][1], B @ A, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_adapters_and_statistics_are_refused_and_change_nothing(tiny_base, alice, bob):
+    fusion, runner = _stage1_fusion(tiny_base, [alice])
+    before = fusion.solve(1)
+    other = copy.copy(bob)
+    other.fingerprint = "0" * 32
+    with pytest.raises(FusionError, match="tuned on base"):
+        fusion.add(other)
+    with pytest.raises(FusionError, match="two concepts are named 'alice'"):
+        fusion.add(alice)
+    fusion.add(bob)
+    good = LocalRunner(tiny_base, [bob], progress=False).stage1(False)["bob"][1]
+    site = next(iter(good))
+    bad_cases = {
+        "NaN": {**good, site: Gram(good[site].gram.clone().fill_(float("nan")), good[site].rows)},
+        "not symmetric": {**good, site: Gram(good[site].gram + torch.triu(torch.ones_like(good[site].gram), 1),
+                                             good[site].rows)},
+        "zero rows": {**good, site: Gram(good[site].gram, 0)},
+        "unknown site": {**good, "unet.nowhere.qkv": good[site]},
+        "expected 32x32": {**good, site: Gram(torch.eye(5, dtype=torch.float64), 10)},
+    }
+    for message, stats in bad_cases.items():
+        with pytest.raises(ValueError, match=message) as e:
+            fusion.add_stats("bob", stats)
+        assert "bob" in str(e.value)
+    assert fusion.stats["bob"] == {}  # nothing half-added
+    fusion.remove("bob")
+    after = fusion.solve(1)
+    for layer, (B, A) in before.items():
+        torch.testing.assert_close(after[layer][0] @ after[layer][1], B @ A, rtol=1e-5, atol=1e-7)
+
+
+def test_wrong_lora_shape_is_refused(tiny_base, bob):
+    fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet))
+    broken = copy.copy(bob)
+    layer = next(iter(bob.lora))
+    broken.lora = {**bob.lora, layer: (torch.zeros(7, 4), torch.zeros(4, 32))}
+    with pytest.raises(FusionError, match="does not fit"):
+        fusion.add(broken)
+
+
+def test_mos_fuse_cli_writes_adapter_report_and_pipeline(tiny_base, alice, bob, tmp_path):
+    for a in (alice, bob):
+        adapter_io.save(a, tmp_path / a.concepts[0].name / adapter_io.FILENAME)
+    out = tmp_path / "fused"
+    run_cli("mos", "fuse", str(tmp_path / "alice"), str(tmp_path / "bob"), "--out", str(out), "--steps", "3",
+            "--pipeline")
+    fused = adapter_io.load(out)
+    assert sorted(c.name for c in fused.concepts) == ["alice", "bob"]
+    report = json.loads((out / "fusion.json").read_text())
+    assert report["method"] == "gradient" and set(report["residuals"]) == {"alice", "bob"}
+    assert set(report["lambda"]) and all(v > 0 for v in report["lambda"].values())
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
+    assert "<alice_a>" in pipe.tokenizer.get_vocab()
+    handles = json.loads((out / "pipeline" / "concepts.json").read_text())["handles"]
+    assert handles == {"<alice>": "<alice_a> <alice_b>", "<bob>": "<bob_a> <bob_b>"}
+    # a base mismatch is a clear error before any work
+    proc = run_cli("mos", "fuse", str(tmp_path / "alice"), "--out", str(tmp_path / "x"), "--base", "tiny:1",
+                   check=False)
+    assert proc.returncode == 2 and "tuned on base" in proc.stderr and not (tmp_path / "x").exists()
