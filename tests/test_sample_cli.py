@@ -1,0 +1,155 @@
+"""`mos sample` as a user runs it: regions, T2I-Adapter, outputs, reproduction from the record, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+
+STEPS = "3"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread, and two threads slow down many-fold when the cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """An adapter with two random concepts (alice, bob) and a small random LoRA, a tiny T2I-Adapter, a sketch."""
+    from diffusers import T2IAdapter
+
+    from mos.shared import adapter as adapter_mod
+    from mos.shared import lora as lora_mod
+    from mos.shared.base import load_base
+    from mos.shared.concepts import Concept
+    from mos.shared.model import ConceptModel
+    from mos.shared.sites import lora_target_layers
+
+    d = tmp_path_factory.mktemp("sample")
+    base = load_base("tiny")
+    g = torch.Generator().manual_seed(0)
+    model = ConceptModel(base)
+    for name, cls in (("alice", "doll"), ("bob", "robot")):
+        emb = model.prompts.init_embeddings(cls, g)
+        model.prompts.add(Concept(name, cls, emb + 0.05 * torch.randn(emb.shape, generator=g)))
+    layers = lora_target_layers(base.text_encoder, base.unet)[:6]
+    lora_mod.inject(model.models, {l: 2 for l in layers})
+    lora = {l: (0.02 * torch.randn(B.shape, generator=g), A) for l, (B, A) in lora_mod.read(model.models).items()}
+    lora_mod.write(model.models, lora)
+    adapter_mod.save(model.to_adapter(), d / "fused")
+    torch.manual_seed(0)
+    T2IAdapter(in_channels=1, channels=[32, 32, 64, 64], num_res_blocks=1, downscale_factor=8).save_pretrained(
+        d / "t2i-sketch")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((64, 64)) * 255).astype("uint8")).save(d / "sketch.png")
+    Image.fromarray((rng.random((48, 48)) * 255).astype("uint8")).save(d / "sketch48.png")
+    return d
+
+
+def test_sample_end_to_end_and_reproduce(workdir):
+    from mos.shared.cli import main
+
+    out = workdir / "run" / "duo.png"
+    run_cli("mos", "sample", "--adapter", str(workdir / "fused"), "--prompt", "a photo of <alice> and <bob>",
+            "--negative", "blurry", "--region", "a photo of <alice>, a doll||0,0,0.5,1|0.5",
+            "--region", "[a photo of <bob>]-*-[ugly <bob>]-*-[0,32,64,64]", "--t2i-adapter",
+            str(workdir / "t2i-sketch"), "--sketch", str(workdir / "sketch.png"), "--t2i-weight", "0.8",
+            "--steps", STEPS, "--seed", "7", "--out", str(out), "--quiet",
+            env={"OMP_NUM_THREADS": "1"})
+    img = Image.open(out)
+    assert img.size == (64, 64)
+    preview = Image.open(out.with_name("duo_layout.png"))
+    assert preview.width >= 512 and preview.height > preview.width  # scaled up, prompts listed below
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["sampler"] == {"seed": 7, "steps": 3, "guidance": 7.5, "scheduler": "dpm++"}
+    assert rec["layout"]["prompt"] == "a photo of <alice> and <bob>" and rec["layout"]["negative"] == "blurry"
+    r1, r2 = rec["layout"]["regions"]
+    assert (r1["box"], r1["t2i_weight"], r2["box"], r2["negative"]) == ([0, 0, 0.5, 1], 0.5, [0.5, 0, 1, 1],
+                                                                         "ugly <bob>")
+    assert [c["handle"] for c in rec["adapter"]["concepts"]] == ["<alice>", "<bob>"]
+    assert rec["t2i"]["weight"] == 0.8 and "sketch" in rec["t2i"]["conditions"]
+    assert rec["base"]["fingerprint"] and rec["adapter"]["sha256"]
+
+    # the record alone (plus the same flags) redraws the image
+    again = workdir / "run" / "again.png"
+    code = main(["sample", "--adapter", str(workdir / "fused"), "--layout", str(out.with_suffix(".json")),
+                 "--t2i-adapter", str(workdir / "t2i-sketch"), "--sketch", str(workdir / "sketch.png"),
+                 "--t2i-weight", "0.8", "--steps", STEPS, "--seed", "7", "--out", str(again), "--quiet"])
+    assert code == 0
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (out, again))
+    assert np.abs(a - b).max() <= 1  # same seed -> same image (across processes: allow one rounding step)
+
+
+def test_plain_sampling_without_adapter(workdir):
+    from mos.shared.cli import main
+
+    out = workdir / "plain" / "dog.png"
+    assert main(["sample", "--prompt", "a photo of a dog", "--steps", "2", "--size", "64x48", "--out", str(out),
+                 "--scheduler", "euler", "--quiet"]) == 0
+    assert Image.open(out).size == (64, 48)
+    assert not out.with_name("dog_layout.png").exists()  # no regions: no layout preview
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["adapter"] is None and rec["layout"]["regions"] == [] and rec["layout"]["size"] == [64, 48]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", "<alice> with <carol>"], r"unknown concept handle <carol>.*known: <alice>, <bob>"),
+    (["--prompt", "x", "--region", "<dave>||0,0,1,1"], r"<dave>.*known: <alice>, <bob>"),
+    (["--prompt", "x", "--region", "<alice>||0,0,70,64"], "outside the 64x64 image"),
+    (["--prompt", "x", "--region", "<alice>||0.2,0,0.2,1"], "zero area"),
+    (["--prompt", "x", "--region", "<alice>|0,0,1,1"], "PROMPT|NEG"),
+    (["--prompt", "x", "--layout", "LAYOUT"], "not valid TOML"),
+    (["--prompt", "x", "--sketch", "SKETCH48", "--t2i-adapter", "T2I"], "48x48"),
+    (["--prompt", "x", "--sketch", "SKETCH48"], "needs --t2i-adapter"),
+    (["--region", "a||0,0,1,1"], "no prompt"),
+    (["--prompt", "x", "--out", "x.txt"], "image name"),
+    (["--prompt", "x", "--size", "60x64"], "multiple of 8"),
+])
+def test_bad_input_is_one_clear_line(workdir, capsys, extra, message):
+    from mos.shared.cli import main
+
+    (workdir / "bad.toml").write_text("prompt = 'x'\n[[region]\n")
+    subs = {"LAYOUT": str(workdir / "bad.toml"), "SKETCH48": str(workdir / "sketch48.png"),
+            "T2I": str(workdir / "t2i-sketch")}
+    out = workdir / "bad" / "never.png"
+    argv = ["sample", "--adapter", str(workdir / "fused"), "--steps", "1", "--out", str(out),
+            *[subs.get(a, a) for a in extra]]
+    if "--out" in extra:
+        argv.remove(str(out))
+        argv.remove("--out")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mos sample: error:") and len(err.splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_t2i_flags_pair_adapters_with_conditions():
+    from argparse import Namespace
+
+    from mos.shared.cli_sample import t2i_paths
+
+    def ns(adapters, sketch=None, keypose=None):
+        return Namespace(t2i_adapter=adapters, sketch=sketch, keypose=keypose)
+
+    assert t2i_paths(ns([])) == {}
+    both = {"sketch": ("A", "s.png"), "keypose": ("A", "k.png")}
+    assert t2i_paths(ns(["A"], sketch="s.png", keypose="k.png")) == both
+    assert t2i_paths(ns(["sketch=S", "keypose=K"], "s.png", "k.png")) == {"sketch": ("S", "s.png"),
+                                                                          "keypose": ("K", "k.png")}
+    for bad, message in ((ns(["sketch=S"], keypose="k.png"), "keypose has no adapter"),
+                         (ns(["A", "B"], "s.png"), "without a kind"), (ns(["A"]), "needs a condition image")):
+        with pytest.raises(ValueError, match=message):
+            t2i_paths(bad)
