@@ -18,14 +18,6 @@ from mos.shared.sites import cross_attention_layers
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and two threads slow down many-fold when the cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def random_concept_adapter(base, names=(("alice", "doll"), ("bob", "robot")), seed=0):
     """A ConceptModel with random layer-wise concepts and a small random LoRA, and its Adapter."""

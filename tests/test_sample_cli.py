@@ -14,14 +14,6 @@ from conftest import run_cli
 STEPS = "3"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and two threads slow down many-fold when the cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):

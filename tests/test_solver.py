@@ -1,0 +1,414 @@
+"""Checks of the closed-form gradient-fusion math in mos.server.solver (CPU, float64, fast)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mos.server import solver
+from mos.server.solver import (
+    DEFAULT_EPS,
+    LayerTerm,
+    SiteSums,
+    check_gram,
+    pack_sym,
+    residual,
+    residual_parts,
+    site_residual,
+    solve_site,
+    unpack_sym,
+    weight_fusion,
+)
+
+F64 = torch.float64
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def lora(d_out: int, d_in: int, r: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(d_out, r, generator=g, dtype=F64), torch.randn(r, d_in, generator=g, dtype=F64)
+
+
+def rows(n: int, d_in: int, g: torch.Generator, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """n input rows; inside span(basis rows) when given."""
+    if basis is None:
+        return torch.randn(n, d_in, generator=g, dtype=F64)
+    return torch.randn(n, basis.shape[0], generator=g, dtype=F64) @ basis
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def fuse(xs, loras, eps=DEFAULT_EPS, layer="L"):
+    """Closed-form fused dense delta for one layer from explicit inputs."""
+    G = sum(x.T @ x for x in xs)
+    terms = {layer: [LayerTerm(B, A @ (x.T @ x)) for x, (B, A) in zip(xs, loras)]}
+    sol = solve_site(G, terms, eps)
+    B, A = sol.loras[layer]
+    return B @ A, sol
+
+
+def lstsq_reference(xs, loras, lam: float, driver: str = "gelsd") -> torch.Tensor:
+    """argmin_dW sum_i ||(dW - dW_i) X_i^T||^2 + lam ||dW||^2 via lstsq on the stacked system."""
+    X = torch.cat(xs)
+    Y = torch.cat([x @ (B @ A).T for x, (B, A) in zip(xs, loras)])
+    d_in, d_out = X.shape[1], Y.shape[1]
+    if lam > 0:
+        X = torch.cat([X, math.sqrt(lam) * torch.eye(d_in, dtype=F64)])
+        Y = torch.cat([Y, torch.zeros(d_in, d_out, dtype=F64)])
+    return torch.linalg.lstsq(X, Y, driver=driver).solution.T
+
+
+def default_lam(xs, eps=DEFAULT_EPS) -> float:
+    G = sum(x.T @ x for x in xs)
+    return eps * float(torch.trace(G)) / G.shape[0]
+
+
+# --------------------------------------------------------------------------- against lstsq
+
+
+def test_matches_lstsq_overdetermined():
+    g = gen(0)
+    d_in, d_out = 24, 16
+    xs = [rows(n, d_in, g) for n in (40, 30, 20)]
+    loras = [lora(d_out, d_in, 2, g) for _ in xs]
+    dW, sol = fuse(xs, loras)
+    assert sol.path == "cholesky"
+    assert rel(dW, lstsq_reference(xs, loras, default_lam(xs))) < 1e-8
+
+
+def test_matches_lstsq_underdetermined_ridge_and_min_norm():
+    g = gen(1)
+    d_in, d_out = 40, 10
+    xs = [rows(8, d_in, g), rows(7, d_in, g)]  # 15 rows < d_in: SG singular
+    loras = [lora(d_out, d_in, 3, g) for _ in xs]
+    # Ridge: the components outside range(SG) are rounding amplified by ~u * mu_max / lam, so
+    # compare at a ridge where that sits below the 1e-8 tolerance.
+    dW, sol = fuse(xs, loras, eps=1e-6)
+    assert sol.path == "cholesky"
+    assert rel(dW, lstsq_reference(xs, loras, default_lam(xs, 1e-6))) < 1e-8
+    # eps = 0: the minimum-norm least-squares solution (what LBFGS from W0 heads for).
+    dW0, sol0 = fuse(xs, loras, eps=0.0)
+    assert sol0.path == "eigh"
+    assert rel(dW0, lstsq_reference(xs, loras, 0.0, driver="gelsd")) < 1e-8
+
+
+# --------------------------------------------------------------------------- reproduction
+
+
+@pytest.mark.parametrize("n_rows", [100, 10])  # full-rank and rank-deficient inputs
+def test_single_concept_reproduced_on_its_inputs(n_rows):
+    g = gen(2)
+    d_in, d_out = 32, 20
+    x = rows(n_rows, d_in, g)
+    B, A = lora(d_out, d_in, 4, g)
+    dW, _ = fuse([x], [(B, A)])
+    target = x @ (B @ A).T
+    assert rel(x @ dW.T, target) <= 1e-6
+    sol = solve_site(x.T @ x, {"L": [LayerTerm(B, A @ x.T @ x)]})
+    assert residual(*sol.loras["L"], B, A, x.T @ x) <= 1e-12
+
+
+def test_orthogonal_input_subspaces_both_reproduced():
+    g = gen(3)
+    d_in, d_out = 30, 12
+    Q, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=F64))
+    x1 = rows(40, d_in, g, basis=Q[:, :10].T)
+    x2 = rows(40, d_in, g, basis=Q[:, 10:22].T)  # 8 directions unseen by anyone
+    loras = [lora(d_out, d_in, 3, g), lora(d_out, d_in, 3, g)]
+    for eps, tol in ((0.0, 1e-20), (DEFAULT_EPS, 1e-9)):
+        dW, _ = fuse([x1, x2], loras, eps=eps)
+        for x, (B, A) in zip((x1, x2), loras):
+            err = rel(x @ dW.T, x @ (B @ A).T)
+            assert err**2 <= tol, (eps, err)
+    # and a non-orthogonal pair genuinely conflicts, so the check above has teeth
+    x3 = rows(40, d_in, g)
+    dW, _ = fuse([x1, x3], loras)
+    assert rel(x1 @ dW.T, x1 @ (loras[0][0] @ loras[0][1]).T) > 1e-3
+
+
+# --------------------------------------------------------------------------- LoRA form
+
+
+def dense_solve(xs, loras, eps=DEFAULT_EPS) -> torch.Tensor:
+    G = sum(x.T @ x for x in xs)
+    P = sum((B @ A) @ (x.T @ x) for x, (B, A) in zip(xs, loras))
+    M = G + default_lam(xs, eps) * torch.eye(G.shape[0], dtype=F64)
+    return torch.linalg.solve(M, P.T).T  # M symmetric: P M^-1 = (M^-1 P^T)^T
+
+
+def test_low_rank_output_equals_dense_solve():
+    g = gen(4)
+    d_in, d_out = 48, 36
+    xs = [rows(60, d_in, g) for _ in range(3)]
+    loras = [lora(d_out, d_in, 4, g) for _ in xs]
+    dW, sol = fuse(xs, loras)
+    B, A = sol.loras["L"]
+    assert B.shape == (d_out, 12) and A.shape == (12, d_in) and not sol.dense
+    assert rel(dW, dense_solve(xs, loras)) < 1e-10
+
+
+@pytest.mark.parametrize("d_in,d_out", [(12, 20), (20, 12)])
+@pytest.mark.parametrize("n", [3, 4])  # sum r = 12 == min(d_in, d_out) and 16 > it
+def test_dense_path_when_rank_reaches_min_dim_is_exact(d_in, d_out, n):
+    g = gen(5)
+    xs = [rows(30, d_in, g) for _ in range(n)]
+    loras = [lora(d_out, d_in, 4, g) for _ in xs]
+    dW, sol = fuse(xs, loras)
+    B, A = sol.loras["L"]
+    assert "L" in sol.dense
+    assert B.shape[1] == A.shape[0] == min(d_in, d_out)
+    eye = torch.eye(min(d_in, d_out), dtype=F64)
+    assert torch.equal(A if d_in <= d_out else B, eye)
+    assert rel(dW, dense_solve(xs, loras)) < 1e-10
+
+
+# --------------------------------------------------------------------------- running sums
+
+
+def make_site(g, layers, d, concepts, n_rows=50, r=2):
+    site = SiteSums("blk.attn1", d)
+    data = {}
+    for c in concepts:
+        x = rows(n_rows, d, g)
+        lo = {name: lora(d_out, d, r, g) for name, d_out in layers.items()}
+        site.add(c, x.T @ x, n_rows, lo)
+        data[c] = (x, lo)
+    return site, data
+
+
+def products(sol):
+    return {k: B @ A for k, (B, A) in sol.loras.items()}
+
+
+def test_shared_site_equals_per_layer_solves_and_missing_layer_is_zero_delta():
+    g = gen(6)
+    d = 20
+    layers = {"to_q": 20, "to_k": 20, "to_v": 16}
+    site, data = make_site(g, layers, d, ["a", "b"])
+    # concept c lacks to_v: must equal giving it an explicit zero LoRA there
+    xc = rows(50, d, g)
+    lo_c = {"to_q": lora(20, d, 2, g), "to_k": lora(20, d, 2, g)}
+    site.add("c", pack_sym(xc.T @ xc), 50, lo_c)  # packed Gram accepted too
+    sol = site.solve()
+    assert sol.path == "cholesky" and set(sol.loras) == set(layers)
+
+    xs = [data["a"][0], data["b"][0], xc]
+    for name in layers:
+        los = [data["a"][1][name], data["b"][1][name]]
+        los.append(lo_c.get(name, (torch.zeros(layers[name], 1, dtype=F64), torch.zeros(1, d, dtype=F64))))
+        ref, _ = fuse(xs, los, layer=name)
+        assert rel(products(sol)[name], ref) < 1e-12
+    assert site.rows == 150 and site.concepts == ["a", "b", "c"]
+
+
+def test_add_then_remove_gives_previous_result():
+    g = gen(7)
+    d = 24
+    layers = {"to_q": 24, "to_k": 24}
+    site, _ = make_site(g, layers, d, ["a", "b"])
+    before = products(site.solve())
+
+    x = 10.0 * rows(80, d, g)  # a loud concept, so a wrong removal would show
+    site.add("c", x.T @ x, 80, {"to_q": lora(24, d, 3, g)})
+    during = products(site.solve())
+    assert rel(during["to_q"], before["to_q"]) > 1e-2
+    with pytest.raises(ValueError, match="differ"):
+        site.remove("c", 2 * x.T @ x, 80)
+    site.remove("c", x.T @ x, 80)
+    after = products(site.solve())
+    for name in layers:
+        assert rel(after[name], before[name]) < 1e-12
+    assert site.concepts == ["a", "b"] and site.rows == 100
+
+
+def test_removing_everything_resets_exactly():
+    g = gen(8)
+    site, data = make_site(g, {"to_out.0": 16}, 16, ["a"])
+    x, _ = data["a"]
+    site.remove("a", x.T @ x, 50)
+    assert torch.count_nonzero(site.gram_sum) == 0 and site.rows == 0
+    assert site.solve().loras == {} and site.layers == []
+
+
+def test_bad_add_is_rejected_and_leaves_state_intact():
+    g = gen(9)
+    site, _ = make_site(g, {"to_q": 16}, 16, ["a"])
+    before = site.gram_sum.clone()
+    x = rows(20, 16, g)
+    with pytest.raises(ValueError, match="blk.attn1.*'b'.*to_q"):
+        site.add("b", x.T @ x, 20, {"to_q": lora(16, 15, 2, g)})  # wrong d_in
+    with pytest.raises(ValueError, match="already added"):
+        site.add("a", x.T @ x, 20, {})
+    assert torch.equal(site.gram_sum, before) and site.concepts == ["a"]
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def test_zero_gram_without_ridge_falls_back_and_changes_nothing():
+    g = gen(10)
+    B, A = lora(8, 6, 2, g)
+    Z = torch.zeros(6, 6, dtype=F64)
+    sol = solve_site(Z, {"L": [LayerTerm(B, A @ Z)]}, eps=0.0)
+    assert sol.path == "eigh" and sol.lam == 0.0
+    assert torch.count_nonzero(sol.loras["L"][0] @ sol.loras["L"][1]) == 0
+
+
+def test_indefinite_gram_falls_back_to_positive_pseudo_inverse():
+    g = gen(11)
+    d = 6
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    # The most negative eigenvalue (-0.2) is the noise floor: 0.1 lies below it and is dropped.
+    w = torch.tensor([3.0, 2.0, 1.0, 0.1, -0.05, -0.2], dtype=F64)
+    S = Q @ torch.diag(w) @ Q.T
+    AG = torch.randn(2, d, generator=g, dtype=F64)
+    B = torch.randn(5, 2, generator=g, dtype=F64)
+    sol = solve_site(S, {"L": [LayerTerm(B, AG)]}, eps=0.0)
+    assert sol.path == "eigh"
+    inv = torch.where(w > 0.2, 1.0 / w, torch.zeros_like(w))
+    expect = B @ AG @ (Q @ torch.diag(inv) @ Q.T)
+    got = sol.loras["L"][0] @ sol.loras["L"][1]
+    assert rel(got, expect) < 1e-12
+
+
+def test_numerically_singular_but_cholesky_passing_is_caught():
+    # Singular up to rounding, yet Cholesky "succeeds" with a 2-ulp pivot; the pivot check must
+    # send it to the eigh path instead of dividing by rounding noise.
+    u = torch.finfo(F64).eps
+    S = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0 + 2 * u, 0.0], [0.0, 0.0, 1.0]], dtype=F64)
+    assert int(torch.linalg.cholesky_ex(S).info) == 0  # precondition: Cholesky alone would pass
+    AG = torch.tensor([[1.0, -1.0, 0.5]], dtype=F64)  # mostly along the near-null direction
+    sol = solve_site(S, {"L": [LayerTerm(torch.ones(2, 1, dtype=F64), AG)]}, eps=0.0)
+    assert sol.path == "eigh"
+    A = sol.loras["L"][1]
+    assert float(A.abs().max()) < 10.0  # plain Cholesky would give entries ~1e15
+    assert solve_site(S + torch.eye(3, dtype=F64), {"L": [LayerTerm(torch.ones(2, 1, dtype=F64), AG)]}, 0.0).path == "cholesky"
+
+
+# --------------------------------------------------------------------------- packing and validation
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 64])
+def test_pack_unpack_round_trip(d):
+    x = torch.randn(3 * d, d, generator=gen(13), dtype=F64)
+    G = x.T @ x
+    v = pack_sym(G)
+    assert v.shape == (d * (d + 1) // 2,)
+    assert torch.equal(unpack_sym(v, d), G.triu() + G.triu(1).T)
+    assert torch.equal(unpack_sym(v), unpack_sym(v, d))
+
+
+def test_unpack_rejects_wrong_length():
+    with pytest.raises(ValueError, match="needs 10"):
+        unpack_sym(torch.zeros(9), 4)
+
+
+SITE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+
+
+@pytest.mark.parametrize(
+    "make,msg",
+    [
+        (lambda G: G.index_put((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan"), dtype=F64)), "NaN or Inf"),
+        (lambda G: G.index_put((torch.tensor([2]), torch.tensor([2])), torch.tensor(float("inf"), dtype=F64)), "NaN or Inf"),
+        (lambda G: G + torch.triu(torch.ones_like(G), 1), "not symmetric"),
+        (lambda G: G[:, :3], "square"),
+        (lambda G: G.unsqueeze(0), "square"),
+        (lambda G: G[:3, :3], "expected 4x4"),
+        (lambda G: G - 100 * torch.eye(4, dtype=F64), "negative diagonal"),
+    ],
+)
+def test_check_gram_rejects_with_site_name(make, msg):
+    x = torch.randn(10, 4, generator=gen(14), dtype=F64)
+    G = x.T @ x
+    check_gram(G, SITE, 4)  # the clean one passes
+    with pytest.raises(ValueError, match=msg) as err:
+        check_gram(make(G), SITE, 4)
+    assert SITE in str(err.value)
+
+
+def test_check_gram_accepts_float32_rounding_asymmetry():
+    x = torch.randn(500, 32, generator=gen(15))
+    G = x.T @ x  # float32: triangles may differ by ulps
+    G[0, 1] += 1e-7 * float(G.abs().max())
+    check_gram(G, SITE)
+
+
+# --------------------------------------------------------------------------- baseline and residuals
+
+
+@pytest.mark.parametrize("mode,w", [("sum", 1.0), ("average", 1.0 / 3)])
+@pytest.mark.parametrize("r", [2, 8])  # 3 x 8 = 24 >= min(d) = 16 takes the dense branch
+def test_weight_fusion_equals_dense_sum(mode, w, r):
+    g = gen(16)
+    loras = [lora(16, 20, r, g) for _ in range(3)]
+    B, A = weight_fusion(loras, mode)
+    expect = w * sum(B_i @ A_i for B_i, A_i in loras)
+    assert B.shape[1] == min(3 * r, 16)
+    assert rel(B @ A, expect) < 1e-13
+
+
+def test_weight_fusion_rejects_bad_mode():
+    with pytest.raises(ValueError, match="mode"):
+        weight_fusion([lora(4, 4, 1, gen(0))], "median")
+
+
+@pytest.mark.parametrize("r_each", [2, 10])  # low-rank trace and dense trace branches
+def test_residual_matches_explicit_inputs(r_each):
+    g = gen(17)
+    d_in, d_out = 16, 14
+    xs = [rows(30, d_in, g) for _ in range(2)]
+    loras = [lora(d_out, d_in, r_each, g) for _ in xs]
+    dW, sol = fuse(xs, loras)
+    Bs, As = sol.loras["L"]
+    for x, (B, A) in zip(xs, loras):
+        G = x.T @ x
+        explicit = float(torch.linalg.norm(x @ (dW - B @ A).T) ** 2 / torch.linalg.norm(x @ (B @ A).T) ** 2)
+        assert explicit > 1e-4  # the two concepts conflict, so this is not trivially zero
+        assert residual(Bs, As, B, A, G) == pytest.approx(explicit, rel=1e-9)
+    num, den = residual_parts(Bs, As, None, None, xs[0].T @ xs[0])
+    assert den == 0.0 and num == pytest.approx(float(torch.linalg.norm(xs[0] @ dW.T) ** 2), rel=1e-9)
+    assert math.isnan(residual(Bs, As, None, None, xs[0].T @ xs[0]))
+
+
+def test_site_residual_sums_over_layers():
+    g = gen(18)
+    d = 12
+    site, data = make_site(g, {"to_k": 10, "to_v": 10}, d, ["a", "b"], n_rows=20)
+    sol = site.solve()
+    x, lo = data["a"]
+    G = x.T @ x
+    parts = [residual_parts(*sol.loras[k], *lo[k], G) for k in ("to_k", "to_v")]
+    expect = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+    assert site_residual(sol, lo, G) == pytest.approx(expect, rel=1e-12)
+    assert site_residual(sol, lo, pack_sym(G)) == pytest.approx(expect, rel=1e-12)
+    assert expect > 1e-6
+
+
+def test_float32_grams_on_few_rows_still_fit_the_inputs():
+    # float32 rounding makes a rank-deficient Gram sum slightly indefinite; whichever path runs,
+    # every concept's outputs on its own inputs must match the exact float64 fusion.
+    g = gen(19)
+    d = 256
+    scale = torch.linspace(0.01, 3.0, d)
+    xs = [torch.randn(40, d, generator=g) * scale for _ in range(2)]  # float32, 80 rows < d
+    loras = [lora(64, d, 4, g) for _ in xs]
+
+    def fused(grams, eps):
+        terms = {"L": [LayerTerm(B, A @ G) for G, (B, A) in zip(grams, loras)]}
+        sol = solve_site(sum(grams), terms, eps)
+        return sol.loras["L"][0] @ sol.loras["L"][1], sol.path
+
+    exact, _ = fused([x.double().T @ x.double() for x in xs], 0.0)
+    for eps in (DEFAULT_EPS, 0.0):
+        dW, path = fused([(x.T @ x).double() for x in xs], eps)
+        assert path in ("cholesky", "eigh")
+        for x in xs:
+            x64 = x.double()
+            assert rel(x64 @ dW.T, x64 @ exact.T) < 1e-5, (eps, path)

@@ -1,0 +1,385 @@
+"""ED-LoRA tuning (`mos tune`): learning, layer-wise wiring, adapter round trip, untouched base, norm stop,
+resume, cache, and bad concept folders. One short tuning run on data/alice is shared by the tests that need it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import DATA, run_cli
+
+STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """100 steps on data/alice (with masks, so the attention regulariser runs), checkpoint at 50."""
+    from mos.client.tune import run_tune
+    from mos.shared.base import load_base
+
+    base = load_base("tiny")
+    out = tmp_path_factory.mktemp("alice")
+    res = run_tune(DATA / "alice", out, base=base, steps=STEPS, checkpoint_every=STEPS // 2, progress=False)
+    info = json.loads((out / "concept.json").read_text())
+    return SimpleNamespace(out=out, trainer=res.trainer, data=res.data, info=info, base=base)
+
+
+def fixed_loss(trainer, data, n: int = 12) -> float:
+    """Mean loss over fixed (batch, noise, timestep) draws: the same draws for every model compared."""
+    from mos.client.data import make_batch
+    from mos.client.edlora import compute_loss
+
+    with torch.no_grad(), trainer.attention_recording():
+        return float(np.mean([compute_loss(trainer, make_batch(data, 2, 123, s, 64), s)[0].item()
+                              for s in range(n)]))
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+def test_loss_goes_down(tuned):
+    from mos.client.report import initial_state
+
+    hist = tuned.info["loss"]["history"]
+    assert len(hist) == STEPS and all(np.isfinite(hist))
+    first, last = np.mean(hist[: STEPS // 5]), np.mean(hist[-STEPS // 5:])
+    assert last < 0.96 * first, (first, last)
+    # the same noise and timesteps before and after tuning: a clean comparison
+    with initial_state(tuned.trainer):
+        before = fixed_loss(tuned.trainer, tuned.data)
+    after = fixed_loss(tuned.trainer, tuned.data)
+    assert after < 0.95 * before, (before, after)
+
+
+def test_outputs_and_concept_json(tuned):
+    from mos.shared.adapter import load
+
+    for f in ("adapter.safetensors", "concept.json", "loss.png", "samples.png"):
+        assert (tuned.out / f).is_file(), f
+    assert not (tuned.out / "checkpoint.safetensors").exists()  # removed once the run finished
+    info = tuned.info
+    assert info["name"] == "alice" and info["handle"] == "<alice>" and info["tokens"] == ["alice_a", "alice_b"]
+    assert info["class_word"] == "doll" and info["rank"] == 4 and info["steps"] == STEPS
+    assert info["base_fingerprint"] == tuned.base.fingerprint and len(info["data_digest"]) == 32
+    assert len(info["target_layers"]) == 4 * 4 + 16 * 8 and info["masks"] is True
+    assert {"torch", "diffusers", "transformers", "peft"} <= set(info["library_versions"])
+    ad = load(tuned.out)
+    assert [c.name for c in ad.concepts] == ["alice"] and ad.concepts[0].embeddings.shape == (16, 2, 32)
+    assert set(ad.ranks().values()) == {4} and len(ad.lora) == len(info["target_layers"])
+    assert ad.meta["data_digest"] == info["data_digest"]
+    png = Image.open(tuned.out / "samples.png")
+    assert png.size[0] > 200 and png.size[1] > 200
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+
+
+def test_layer_k_embedding_reaches_only_layer_k(tuned):
+    from mos.shared.sites import cross_attention_layers
+
+    model, emb = tuned.trainer.model, tuned.trainer.embedding
+    unet = model.base.unet
+    names = cross_attention_layers(unet)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [unet.get_submodule(f"{n}.{proj}").register_forward_pre_hook(
+        lambda m, args, key=f"{n}.{proj}": seen.__setitem__(key, args[0].detach().clone()))
+        for n in names for proj in ("to_k", "to_v")]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def inputs() -> dict[str, torch.Tensor]:
+        seen.clear()
+        with torch.no_grad():
+            model.predict(x, torch.tensor([500]), model.encode(["a photo of <alice>"]))
+        return dict(seen)
+
+    try:
+        ref = inputs()
+        assert len(ref) == 32
+        for k in range(len(names)):
+            saved = emb.detach().clone()
+            with torch.no_grad():
+                emb[k] += 0.05
+            try:
+                now = inputs()
+            finally:
+                with torch.no_grad():
+                    emb.copy_(saved)
+            changed = sorted({i for i, n in enumerate(names) for p in ("to_k", "to_v")
+                              if not torch.equal(now[f"{n}.{p}"], ref[f"{n}.{p}"])})
+            assert changed == [k], (k, changed)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_save_load_gives_identical_predictions(tuned):
+    from mos.shared.adapter import load
+    from mos.shared.base import load_base
+    from mos.shared.model import ConceptModel
+
+    again = ConceptModel.from_adapter(load_base("tiny"), load(tuned.out))
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+    prompts = ["a photo of <alice> in a garden", "<alice>"]
+    with torch.no_grad():
+        a = tuned.trainer.model.predict(x, t, tuned.trainer.model.encode(prompts))
+        b = again.predict(x, t, again.encode(prompts))
+    assert torch.equal(a, b)
+
+
+def test_base_weights_and_other_rows_unchanged(tuned):
+    """Every base tensor bit-for-bit as loaded: the fingerprint recomputed from the tuned model's base weights."""
+    from mos.shared.base import fingerprint, load_base
+
+    fresh = load_base("tiny")
+
+    def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in model.state_dict().items():
+            if "lora_" in k or ".tables." in k:
+                continue  # the tuned parts
+            out[k.replace(".base_layer.", ".").replace("token_embedding.base.", "token_embedding.")] = v
+        return out
+
+    class View:
+        def __init__(self, model):
+            self.config, self._state = model.config, base_state(model)
+
+        def state_dict(self):
+            return self._state
+
+    for comp in ("text_encoder", "unet"):
+        tuned_state, ref = base_state(getattr(tuned.base, comp)), getattr(fresh, comp).state_dict()
+        assert tuned_state.keys() == ref.keys()
+        assert all(torch.equal(tuned_state[k], ref[k]) for k in ref), comp
+    models = {"text_encoder": View(tuned.base.text_encoder), "unet": View(tuned.base.unet), "vae": tuned.base.vae}
+    assert fingerprint(tuned.base.tokenizer, models, tuned.base.scheduler_config) == fresh.fingerprint
+    # the tuned parts did change: the concept's rows and LoRA B (which starts at zero)
+    tr = tuned.trainer
+    assert not torch.equal(tr.embedding.detach(), tr.concept.embeddings)
+    assert any(B.abs().sum() > 0 for _, B in tr.lora.values())
+
+
+def test_norm_stop_freezes_embeddings(fresh_base, tuned):
+    from mos.client.data import make_batch
+    from mos.client.edlora import TuneConfig, make_trainer, train_step
+
+    tr = make_trainer(fresh_base, "alice", "doll", TuneConfig(steps=4, embedding_norm_stop=0.0))
+    start = tr.embedding.detach().clone()
+    snaps = []
+    for s in range(4):
+        stats = train_step(tr, make_batch(tuned.data, 2, 0, s, 64), s)
+        snaps.append((tr.embedding.detach().clone(), tr.lora[sorted(tr.lora)[-1]][1].detach().clone()))
+        assert stats.embedding_frozen
+    assert tr.embedding_frozen_at == 1 and not tr.embedding.requires_grad
+    assert not torch.equal(snaps[0][0], start)  # it did learn before the stop
+    assert all(torch.equal(e, snaps[0][0]) for e, _ in snaps[1:])  # and never after
+    assert not torch.equal(snaps[-1][1], snaps[0][1])  # while LoRA goes on
+
+
+def test_gradient_checkpointing_gives_the_same_step(tuned):
+    from mos.client.data import make_batch
+    from mos.client.edlora import TuneConfig, make_trainer, train_step
+    from mos.shared.base import load_base
+
+    out = []
+    for gc in (False, True):
+        tr = make_trainer(load_base("tiny"), "alice", "doll", TuneConfig(steps=2), gradient_checkpointing=gc)
+        stats = [train_step(tr, make_batch(tuned.data, 2, 0, s, 64), s).loss for s in range(2)]
+        out.append((stats, {k: v.detach().clone() for k, v in tr.named_parameters().items()}))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    assert all(torch.allclose(out[0][1][k], out[1][1][k], atol=1e-6) for k in out[0][1])
+
+
+# ---------------------------------------------------------------------------------------------- resume, cache
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tuned, tmp_path):
+    from mos.client.tune import tune
+    from mos.shared.adapter import load
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(n):
+        def cb(done, stats):
+            if done == n:
+                raise Stop
+        return cb
+
+    out = tmp_path / "alice"
+    with pytest.raises(Stop):
+        tune(DATA / "alice", out, steps=STEPS, checkpoint_every=STEPS // 2, progress=False,
+             on_step=stop_after(STEPS // 2 + 7))
+    assert (out / "checkpoint.safetensors").is_file() and not (out / "concept.json").exists()
+    tune(DATA / "alice", out, steps=STEPS, checkpoint_every=STEPS // 2, progress=False, resume=True)
+    a, b = load(out), load(tuned.out)
+    assert a.lora.keys() == b.lora.keys()
+    for layer in a.lora:
+        for x, y in zip(a.lora[layer], b.lora[layer]):
+            assert torch.allclose(x, y, atol=1e-6), layer
+    assert torch.allclose(a.concepts[0].embeddings, b.concepts[0].embeddings, atol=1e-6)
+    hist = json.loads((out / "concept.json").read_text())["loss"]["history"]
+    assert hist == pytest.approx(tuned.info["loss"]["history"], rel=1e-5)
+
+
+def test_finished_run_is_reused_and_other_settings_are_not(tuned, monkeypatch, capsys):
+    import mos.client.tune as tune_mod
+
+    def no_tuning(*a, **k):
+        raise AssertionError("tuned again")
+
+    monkeypatch.setattr(tune_mod, "make_trainer", no_tuning)
+    before = (tuned.out / "adapter.safetensors").stat().st_mtime_ns
+    assert tune_mod.tune(DATA / "alice", tuned.out, steps=STEPS, progress=False) == tuned.out
+    assert "reusing cached adapter" in capsys.readouterr().err
+    assert (tuned.out / "adapter.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(AssertionError, match="tuned again"):
+        tune_mod.tune(DATA / "alice", tuned.out, steps=STEPS, seed=1, progress=False)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tuned, tmp_path):
+    from mos.client.tune import tune
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        tune(DATA / "alice", out, steps=4, checkpoint_every=2, progress=False,
+             on_step=lambda done, s: (_ for _ in ()).throw(RuntimeError()) if done == 3 else None)
+    with pytest.raises(ValueError, match="belongs to another run.*config"):
+        tune(DATA / "alice", out, steps=6, checkpoint_every=2, progress=False, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_empty_missing_and_corrupt_folders(tmp_path):
+    from mos.client.data import load_concept
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_concept(tmp_path / "nope", 64)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        load_concept(tmp_path / "empty", 64)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.md").write_text("hi")
+    (notes / "00.txt").write_text("a photo of <TOK>")
+    with pytest.raises(ValueError, match="holds no images"):
+        load_concept(notes, 64)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (bad / "b.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="none of its 2 image"):
+        load_concept(bad, 64)
+
+
+def test_corrupt_skipped_non_images_ignored_and_modes_converted(tmp_path, capsys):
+    from mos.client.data import load_concept
+
+    d = tmp_path / "My Concept!"
+    d.mkdir()
+    rgb = np.zeros((80, 80, 3), np.uint8)
+    rgb[:, :40] = (255, 0, 0)
+    Image.fromarray(rgb).save(d / "rgb.png")
+    Image.fromarray(np.full((70, 90), 128, np.uint8), "L").save(d / "gray.jpg")
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 3] = 0  # fully transparent: composited on white
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(np.full((64, 64), 65535, np.uint16)).save(d / "deep.png")  # 16-bit white
+    Image.fromarray(np.full((64, 64, 3), 10, np.uint8)).save(d / "bmp.BMP")
+    Image.fromarray(np.full((8, 6, 3), 200, np.uint8)).save(d / "tiny.webp")
+    Image.fromarray(np.full((600, 1500, 3), 50, np.uint8)).save(d / "huge.png")
+    (d / "broken.png").write_bytes(b"not a png")
+    (d / "notes.md").write_text("ignored")
+    (d / "data.json").write_text("{}")
+    data = load_concept(d, 64, class_word="toy")
+    assert data.name == "my_concept" and data.class_word == "toy"
+    stems = sorted(it.stem for it in data.items)
+    assert stems == ["bmp", "deep", "gray", "huge", "rgb", "rgba", "tiny"]
+    assert len(data.skipped) == 1 and "broken.png" in data.skipped[0]
+    assert "skipped 1 unreadable" in capsys.readouterr().err
+    by = {it.stem: it.image for it in data.items}
+    assert all(t.dtype == torch.uint8 and t.shape[0] == 3 for t in by.values())
+    assert int(by["rgba"].min()) == 255 and int(by["deep"].min()) == 255
+    assert abs(int(by["gray"].float().mean()) - 128) <= 2
+    assert min(by["tiny"].shape[1:]) == 64                  # tiny images grow to the native size
+    assert min(by["huge"].shape[1:]) == 128 and max(by["huge"].shape[1:]) == 256  # huge shrink; 2:1 at most
+    assert by["rgb"].shape[1:] == (80, 80)
+
+
+def test_captions_masks_and_digest(tmp_path):
+    from mos.client.data import load_concept, make_batch
+
+    d = tmp_path / "c"
+    (d / "masks").mkdir(parents=True)
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, :32] = (255, 0, 0)  # the concept: red, left half
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    for i in range(3):
+        Image.fromarray(img).save(d / f"{i}.png")
+    Image.fromarray(mask).save(d / "masks" / "0.png")
+    Image.fromarray(mask).save(d / "masks" / "1.png")
+    (d / "0.txt").write_text("a red thing on black")
+    (d / "1.txt").write_text("  photo of <TOK>   with <bob>\n")
+    (d / "concept.toml").write_text('name = "Red Thing"\nclass_word = "toy"\n')
+    data = load_concept(d, 64)
+    assert data.name == "red_thing" and data.class_word == "toy" and data.has_masks
+    caps = {it.stem: it.caption for it in data.items}
+    assert caps == {"0": "<TOK>, a red thing on black", "1": "photo of <TOK> with bob", "2": "a photo of <TOK>"}
+    assert data.captions("<red_thing>")[0] == "<red_thing>, a red thing on black"
+    # crops and flips move image and mask together: masked pixels are red, unmasked are black
+    for step in range(6):
+        b = make_batch(data, 3, 0, step, 64)
+        for px, m, has in zip(b.pixels, b.masks, b.has_mask):
+            if not has:
+                assert torch.equal(m, torch.ones_like(m))
+                continue
+            inside, outside = m[0] > 0.99, m[0] < 0.01
+            assert inside.any() and outside.any()
+            assert px[0][inside].mean() > 0.9 and px[0][outside].mean() < -0.9
+    again = make_batch(data, 3, 0, 5, 64)
+    assert torch.equal(again.pixels, make_batch(data, 3, 0, 5, 64).pixels)  # (seed, step) decides everything
+    assert not torch.equal(again.pixels, make_batch(data, 3, 1, 5, 64).pixels)
+    digest = data.digest
+    assert load_concept(d, 64).digest == digest
+    (d / "2.txt").write_text("something else")
+    assert load_concept(d, 64).digest != digest
+
+
+def test_class_word_errors(tmp_path):
+    from mos.client.tune import tune
+
+    with pytest.raises(ValueError, match="is 2 tokens"):
+        tune(DATA / "alice", tmp_path / "x", steps=1, class_word="teddy bear", progress=False)
+    d = tmp_path / "noclass"
+    d.mkdir()
+    shutil.copy(DATA / "alice" / "00.png", d / "00.png")
+    with pytest.raises(ValueError, match="no class word"):
+        tune(d, tmp_path / "y", steps=1, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_tune_and_bad_input(tmp_path):
+    out = tmp_path / "bob"
+    proc = run_cli("mos", "tune", "--concept", str(DATA / "bob"), "--out", str(out), "--steps", "4",
+                   "--checkpoint-every", "2", "--no-progress")
+    assert Path(proc.stdout.strip()) == out
+    info = json.loads((out / "concept.json").read_text())
+    assert info["name"] == "bob" and info["class_word"] == "robot" and info["steps"] == 4
+    assert (out / "adapter.safetensors").is_file() and (out / "samples.png").is_file()
+    again = run_cli("mos", "tune", "--concept", str(DATA / "bob"), "--out", str(out), "--steps", "4")
+    assert "reusing cached adapter" in again.stderr
+    (tmp_path / "empty").mkdir()
+    bad = run_cli("mos", "tune", "--concept", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), check=False)
+    assert bad.returncode == 2 and "holds no images" in bad.stderr and "Traceback" not in bad.stderr
