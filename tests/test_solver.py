@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from mos.server import solver
 from mos.server.solver import (
     DEFAULT_EPS,
     LayerTerm,
@@ -354,9 +353,13 @@ def test_weight_fusion_equals_dense_sum(mode, w, r):
     assert rel(B @ A, expect) < 1e-13
 
 
-def test_weight_fusion_rejects_bad_mode():
+def test_weight_fusion_rejects_bad_mode_and_mismatched_ranks():
     with pytest.raises(ValueError, match="mode"):
         weight_fusion([lora(4, 4, 1, gen(0))], "median")
+    g = gen(0)
+    (B1, A1), (B2, A2) = lora(6, 5, 2, g), lora(6, 5, 3, g)
+    with pytest.raises(ValueError, match="LoRA 0"):
+        weight_fusion([(B1, A2), (B2, A1)])  # total ranks agree, pairs do not
 
 
 @pytest.mark.parametrize("r_each", [2, 10])  # low-rank trace and dense trace branches
@@ -412,3 +415,19 @@ def test_float32_grams_on_few_rows_still_fit_the_inputs():
         for x in xs:
             x64 = x.double()
             assert rel(x64 @ dW.T, x64 @ exact.T) < 1e-5, (eps, path)
+
+
+@pytest.mark.parametrize("i,j", [(10, 550), (550, 10), (300, 599), (599, 599)])
+def test_check_gram_tiles_cover_the_whole_matrix(i, j):
+    # d > the 256-wide tiles, so asymmetry or NaN in any tile must still be found
+    x = torch.randn(700, 600, generator=gen(20), dtype=F64)
+    G = x.T @ x
+    check_gram(G, SITE)
+    bad = G.clone()
+    bad[i, j] += 1e-3 * float(G.abs().max()) if i != j else 0.0
+    if i != j:
+        with pytest.raises(ValueError, match="not symmetric"):
+            check_gram(bad, SITE)
+    bad[i, j] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        check_gram(bad, SITE)

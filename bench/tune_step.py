@@ -1,0 +1,156 @@
+"""Cost of an ED-LoRA training step against a plain LoRA step; not a test.
+
+Both run `mos.client.edlora.train_step` on the same model, batch and resolution, interleaved step by step so
+they share whatever else the machine is doing:
+  lora           one concept token, one embedding, 3-D conditioning: one text-encoder pass per sample
+  edlora         two tokens, one embedding per cross-attention layer, 4-D conditioning: L passes per sample
+  edlora_masked  edlora plus the mask-weighted loss and the attention regulariser (explicit cross-attention)
+It also times the text encoder alone (forward + backward, L copies vs one) to say how much of an ED-LoRA step
+the L passes cost, and how much sharing the causal prefix before the first concept token could save at most.
+
+Usage (repo root, package installed):
+    python bench/tune_step.py                                   # tiny base, CPU
+    python bench/tune_step.py --base sd15-random --device cuda  # SD1.5 at 512², batch 2 (a few minutes)
+Writes JSON (default bench/results/tune_step.json) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mos.client.data import load_concept, make_batch
+from mos.client.edlora import TuneConfig, make_trainer, token_ids, train_step
+from mos.shared.base import load_base
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"lora": dict(layerwise=False, use_masks=False), "edlora": dict(layerwise=True, use_masks=False),
+            "edlora_masked": dict(layerwise=True, use_masks=True)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summary(ms: list[float]) -> dict:
+    return {"median": round(statistics.median(ms), 2), "mean": round(statistics.fmean(ms), 2),
+            "min": round(min(ms), 2), "n": len(ms)}
+
+
+def time_steps(trainer, batches, steps: int, warmup: int) -> tuple[dict, dict]:
+    """ms per step of each variant (interleaved, order rotated every round) and peak CUDA memory (GiB)."""
+    dev = trainer.base.device
+    ms = {v: [] for v in VARIANTS}
+    peak = {v: 0.0 for v in VARIANTS}
+    names = list(VARIANTS)
+    with trainer.attention_recording():  # unmasked variants fall through to the stock (SDPA) path
+        for i in range(warmup + steps):
+            order = names[i % len(names):] + names[:i % len(names)]
+            for v in order:
+                batch = batches[i % len(batches)]
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                sync(dev)
+                t0 = time.perf_counter()
+                train_step(trainer, batch, i, **VARIANTS[v])
+                sync(dev)
+                if i >= warmup:
+                    ms[v].append((time.perf_counter() - t0) * 1e3)
+                if dev.type == "cuda":
+                    peak[v] = max(peak[v], torch.cuda.max_memory_allocated(dev) / 2**30)
+    return {v: summary(x) for v, x in ms.items()}, peak
+
+
+def time_text_encoder(trainer, captions: list[str], steps: int, warmup: int) -> dict:
+    """Text encoder forward + backward alone: L layer-wise copies per sample vs one plain copy."""
+    base = trainer.base
+    dev, te = base.device, base.text_encoder
+    ids = {True: token_ids(trainer, captions, True)[0], False: token_ids(trainer, captions, False)[0]}
+    ms = {True: [], False: []}
+    for i in range(warmup + steps):
+        for layerwise in (True, False):
+            x = ids[layerwise]
+            sync(dev)
+            t0 = time.perf_counter()
+            with trainer.autocast():
+                h = te(x.reshape(-1, x.shape[-1]).to(dev)).last_hidden_state
+            h.float().square().mean().backward()
+            sync(dev)
+            if i >= warmup:
+                ms[layerwise].append((time.perf_counter() - t0) * 1e3)
+            trainer.optimizer.zero_grad(set_to_none=True)
+    return {"edlora_ms": summary(ms[True]), "lora_ms": summary(ms[False])}
+
+
+def prefix_tokens(trainer, captions: list[str]) -> int:
+    """Tokens before the first concept token (BOS included): identical in all L copies of a causal encoder."""
+    _, pos = token_ids(trainer, captions, True)
+    return int(pos[:, 0].min())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: bf16/fp16 on CUDA (autocast), fp32 on CPU")
+    ap.add_argument("--concept", default=str(REPO / "data" / "alice"))
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="measured steps per variant (default 20 CPU, 10 CUDA)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "tune_step.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    base = load_base(args.base, args.device, args.dtype)
+    load_s = time.perf_counter() - t_start
+    steps = args.steps or (10 if base.device.type == "cuda" else 20)
+    data = load_concept(args.concept, base.resolution)
+    trainer = make_trainer(base, data.name, data.class_word or "doll", TuneConfig(steps=10**6, batch_size=args.batch_size),
+                           gradient_checkpointing=args.gradient_checkpointing)
+    batches = [make_batch(data, args.batch_size, 0, s, base.resolution) for s in range(4)]
+    step_ms, peak = time_steps(trainer, batches, steps, args.warmup)
+    te = time_text_encoder(trainer, batches[0].captions, steps, args.warmup)
+    prefix = prefix_tokens(trainer, batches[0].captions)
+    seq = base.tokenizer.model_max_length
+    ed, plain = step_ms["edlora"]["median"], step_ms["lora"]["median"]
+    te_share = te["edlora_ms"]["median"] / ed
+    result = {
+        "base": args.base, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
+        "device_name": torch.cuda.get_device_name(base.device) if base.device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "resolution": base.resolution, "batch_size": args.batch_size, "cross_attention_layers": trainer.model.n_layers,
+        "gradient_checkpointing": args.gradient_checkpointing, "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "ms_per_step": step_ms,
+        "ratio_edlora_over_lora": round(ed / plain, 3),
+        "ratio_edlora_masked_over_lora": round(step_ms["edlora_masked"]["median"] / plain, 3),
+        "text_encoder_fwd_bwd": {**te, "share_of_edlora_step": round(te_share, 3),
+                                 "share_of_lora_step": round(te["lora_ms"]["median"] / plain, 3)},
+        "causal_prefix": {"tokens": prefix, "of_sequence": seq,
+                          "max_saving_of_edlora_step": round(te_share * prefix / seq, 4),
+                          "note": "upper bound: only positions before the first concept token are shared; "
+                                  "every later position (padding included) attends to the concept tokens"},
+        "peak_gpu_memory_gib": {k: round(v, 2) for k, v in peak.items()} if base.device.type == "cuda" else None,
+        "base_load_s": round(load_s, 1), "total_s": round(time.perf_counter() - t_start, 1),
+        "command": " ".join(["python", "bench/tune_step.py", *sys.argv[1:]]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""Closed-form gradient fusion of LoRA concepts: the pure math (torch only, float64).
+
+Problem
+-------
+Take one LoRA'd linear layer with base weight W0 (d_out x d_in). Concept i brings a delta
+dW_i = B_i A_i (B_i: d_out x r_i, A_i: r_i x d_in, LoRA scale already folded into B_i) and
+the Gram G_i = X_i^T X_i (d_in x d_in) of the input rows X_i that the layer saw for concept i.
+Mix-of-Show's gradient fusion looks for one weight that reproduces every concept's outputs
+on that concept's own inputs:
+
+    W* = argmin_W  sum_i ||(W - W0 - dW_i) X_i^T||_F^2  =  argmin_W  sum_i tr((W - W_i) G_i (W - W_i)^T)
+
+Every input row counts once, so a concept that brings more rows weighs more, as in the
+reference, which stacks all rows into one mean-squared error.
+
+Derivation
+----------
+The gradient is 2 sum_i (W - W_i) G_i. Setting it to zero and writing dW = W - W0:
+
+    dW * SG = sum_i dW_i G_i =: P,        SG = sum_i G_i.
+
+W0 cancels, so the server never needs base weights. Rows of dW_i G_i lie in range(G_i), which is
+inside range(SG) because every G_i is PSD, so the system is always consistent. When SG is
+singular (fewer input rows than d_in) the natural pick is the minimum-norm solution P SG^+:
+it changes W0 only along directions some concept's inputs visit, and it is where the reference
+implementation's LBFGS started from W0 heads (its gradient steps never leave W0 + rows in
+range(SG)). We solve the ridge form
+
+    dW* = P (SG + lam I)^-1,      lam = eps * tr(SG) / d_in   (eps * the mean eigenvalue of SG),
+
+which tends to that minimum-norm solution as eps -> 0 and keeps the matrix positive definite,
+so a Cholesky factorisation applies; one factorisation serves every layer reading the same
+input ("input site", e.g. attn1 to_q/to_k/to_v).
+
+Why DEFAULT_EPS = 1e-8. Ridge scales the solution along an eigen-direction of SG with
+eigenvalue mu by mu / (mu + lam), so a concept's outputs are reproduced to about lam / mu.
+Activation Grams are heavy-tailed (a few outlier channels dominate tr(SG)), so typical
+directions sit orders of magnitude below the mean eigenvalue; eps = 1e-8 still keeps those down
+to 1e-5 of the mean within 0.1%, and on well-spread inputs the error is ~1e-8. The floor below
+is numerical: Cholesky pivots are trustworthy only above ~d * u * max(diag) (u = 2.2e-16, the
+float64 epsilon), and lam >= eps * max(diag) / d, so eps must stay well above d^2 * u (3.6e-10
+at d_in = 1280; 1e-8 leaves a ~30x margin even when one channel holds all the energy). The price of a small lam is that rounding in the components of
+A_i G_i outside range(SG) (exactly zero in exact arithmetic) is amplified by about
+u * mu_max / lam <= u * d / eps (2.8e-5 relative at d = 1280): a change only on inputs that no
+concept ever showed the layer, far below fp16 inference noise. eps = 0 asks for the exact
+minimum-norm solution; the singular system then takes the eigh path described in _factor.
+
+Gram precision. Grams accumulated or shipped in float32 carry rounding noise of 1e-6 to 4e-6
+of the mean eigenvalue (measured on the benchmark's data), well above lam. Where SG is rank-deficient
+(few input rows, few concepts) that makes SG + lam I slightly indefinite, Cholesky fails, and
+the eigh fallback runs: it takes the size of the most negative eigenvalue as the noise floor
+and gives no update along directions below it. The result is sound either way; float64 Grams
+keep the faster Cholesky path. SiteSolution.path reports which one ran.
+
+LoRA form
+---------
+P = sum_i B_i (A_i G_i) = [B_1 ... B_n] [A_1 G_1; ...; A_n G_n], hence dW* = B* A* exactly with
+
+    B* = [B_1 ... B_n] (columns concatenated),   A* = [A_1 G_1; ...; A_n G_n] (SG + lam I)^-1,
+
+a LoRA of rank R = sum_i r_i. Where R >= min(d_in, d_out) the factors would be no smaller than
+the dense delta, so we form dW* and write it as B = dW*, A = I (d_in <= d_out) or B = I, A = dW*:
+still exact, and every layer stays a LoRA of rank min(R, d_in, d_out).
+A concept with no LoRA on a layer of the site adds its G_i to SG but nothing to P: it counts as
+dW_i = 0 there and pulls the fused layer towards W0 on its inputs.
+
+Running sums (SiteSums)
+-----------------------
+Per site the server keeps SG (d x d) and, per layer and concept, the small terms B_i and A_i G_i.
+Concepts stream in one at a time, so the server never holds all G_i; removing a concept
+subtracts its G_i (the caller supplies it again) and drops its terms, and the next solve gives
+the previous result back up to float64 rounding.
+
+Also here: the paper's weight-fusion baseline (dW = sum_i w_i dW_i, also an exact LoRA), the
+per-concept residual from Grams only, and packed-symmetric Gram helpers for the wire.
+
+Public API (all results float64; callers cast for storage)
+----------------------------------------------------------
+DEFAULT_EPS                                   ridge factor eps (see above)
+LayerTerm(B, AG)                              one concept's terms for one layer
+SiteSolution(loras, path, lam, dense)         solve output: layer -> (B*, A*), "cholesky"|"eigh", lam, dense layers
+SiteSums(name, dim)                           running sums of one site
+  .add(concept, gram, rows, loras)            loras: layer -> (B, A); gram dense d x d or packed
+  .remove(concept, gram, rows)                gram/rows as given to add
+  .solve(eps=DEFAULT_EPS) -> SiteSolution
+solve_site(gram_sum, terms, eps) -> SiteSolution        terms: layer -> [LayerTerm]
+weight_fusion(loras, mode="sum"|"average") -> (B, A)
+residual_parts(B_star, A_star, B_i, A_i, G_i) -> (num, den)
+residual(B_star, A_star, B_i, A_i, G_i) -> float         num / den (nan if den == 0)
+site_residual(fused, loras_i, G_i) -> float              sum_layers num / sum_layers den
+pack_sym(G) -> v  /  unpack_sym(v, d=None) -> G  /  packed_len(d) -> int
+check_gram(G, name, dim=None)                             raises ValueError naming `name`
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_EPS",
+    "LayerTerm",
+    "SiteSolution",
+    "SiteSums",
+    "solve_site",
+    "weight_fusion",
+    "residual_parts",
+    "residual",
+    "site_residual",
+    "pack_sym",
+    "unpack_sym",
+    "packed_len",
+    "check_gram",
+]
+
+DEFAULT_EPS = 1e-8
+F64 = torch.float64
+
+# Relative tolerance for accepting a Gram as symmetric: a Gram computed in float32 can have
+# triangles that differ by a few float32 ulps of its largest entry.
+SYM_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class LayerTerm:
+    """One concept's terms for one layer: B_i (d_out x r_i, any float dtype) and A_i G_i (r_i x d_in, float64)."""
+
+    B: Tensor
+    AG: Tensor
+
+
+@dataclass(frozen=True)
+class SiteSolution:
+    """Fused LoRAs of one site. `path` says which factorisation ran ("cholesky" or "eigh")."""
+
+    loras: dict[str, tuple[Tensor, Tensor]]
+    path: str
+    lam: float
+    dense: frozenset[str] = field(default_factory=frozenset)
+
+
+# --------------------------------------------------------------------------- packed Grams
+
+
+def packed_len(d: int) -> int:
+    return d * (d + 1) // 2
+
+
+def pack_sym(G: Tensor) -> Tensor:
+    """Upper triangle of a symmetric matrix, row by row, as a 1-D tensor (the wire format)."""
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"pack_sym needs a square matrix, got shape {tuple(G.shape)}")
+    iu = torch.triu_indices(G.shape[0], G.shape[0], device=G.device)
+    return G[iu[0], iu[1]]
+
+
+def unpack_sym(v: Tensor, d: int | None = None) -> Tensor:
+    """Inverse of pack_sym; d is inferred from the length when not given."""
+    if v.ndim != 1:
+        raise ValueError(f"packed Gram must be 1-D, got shape {tuple(v.shape)}")
+    if d is None:
+        d = (math.isqrt(8 * v.numel() + 1) - 1) // 2
+    if v.numel() != packed_len(d):
+        raise ValueError(f"packed Gram has {v.numel()} values; d={d} needs {packed_len(d)}")
+    iu = torch.triu_indices(d, d, device=v.device)
+    G = torch.zeros(d, d, dtype=v.dtype, device=v.device)
+    G[iu[0], iu[1]] = v
+    G[iu[1], iu[0]] = v
+    return G
+
+
+def check_gram(G: Tensor, name: str, dim: int | None = None) -> None:
+    """Raise ValueError (message naming `name`) unless G looks like a valid Gram matrix."""
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"Gram for {name}: expected a square matrix, got shape {tuple(G.shape)}")
+    if dim is not None and G.shape[0] != dim:
+        raise ValueError(f"Gram for {name}: expected {dim}x{dim}, got {tuple(G.shape)}")
+    if not G.dtype.is_floating_point:
+        raise ValueError(f"Gram for {name}: expected a floating dtype, got {G.dtype}")
+    if G.numel() == 0:
+        return
+    Gd = G.to(F64)
+    lo, hi = (float(v) for v in torch.aminmax(Gd))  # NaN and Inf propagate: one pass checks both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"Gram for {name}: contains NaN or Inf")
+    scale = max(-lo, hi)
+    asym = _max_asym(Gd)
+    if asym > SYM_RTOL * scale:
+        raise ValueError(f"Gram for {name}: not symmetric (max |G - G^T| = {asym:.3g}, max |G| = {scale:.3g})")
+    diag_min = float(Gd.diagonal().min())
+    if diag_min < -SYM_RTOL * scale:
+        raise ValueError(f"Gram for {name}: negative diagonal entry ({diag_min:.3g}); not X^T X")
+
+
+def _max_asym(G: Tensor, tile: int = 256) -> float:
+    """max |G - G^T|, tile by tile: reading G^T whole is a strided sweep several times slower."""
+    d, worst = G.shape[0], 0.0
+    for i in range(0, d, tile):
+        for j in range(i, d, tile):
+            diff = G[i : i + tile, j : j + tile] - G[j : j + tile, i : i + tile].T
+            worst = max(worst, float(diff.abs_().max()))
+    return worst
+
+
+def _dense_gram(gram: Tensor, dim: int, name: str) -> Tensor:
+    if gram.ndim == 1:
+        try:
+            gram = unpack_sym(gram, dim)
+        except ValueError as exc:
+            raise ValueError(f"Gram for {name}: {exc}") from None
+    check_gram(gram, name, dim)
+    return gram.to(F64)
+
+
+# --------------------------------------------------------------------------- factorisation
+
+
+def _factor(gram_sum: Tensor, eps: float) -> tuple[Callable[[Tensor], Tensor], str, float]:
+    """Return (x -> (SG + lam I)^-1 x, path, lam), by Cholesky or, failing that, eigh."""
+    if not bool(torch.isfinite(gram_sum).all()):
+        raise ValueError("gram sum contains NaN or Inf")
+    d = gram_sum.shape[0]
+    if d == 0:
+        return (lambda rhs: rhs), "cholesky", 0.0
+    M = 0.5 * (gram_sum + gram_sum.T).to(F64)  # kill asymmetric rounding from running sums
+    lam = max(0.0, eps * float(torch.trace(M)) / d)
+    M.diagonal().add_(lam)
+
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0 and _pivots_ok(L, M):
+        return (lambda rhs: torch.cholesky_solve(rhs, L)), "cholesky", lam
+
+    # Singular or indefinite: pseudo-inverse on the trusted part of the spectrum; the other
+    # directions get no update (the minimum-norm choice). A true Gram sum has no negative
+    # eigenvalues, so the most negative one measures the rounding noise the Grams carry
+    # (e.g. float32 accumulation); positive eigenvalues no larger than it are noise as well.
+    w, V = torch.linalg.eigh(M)
+    noise = max(0.0, -float(w.min()))
+    tol = max(d * torch.finfo(F64).eps * float(w.abs().max()), noise)  # rounding level, noise level
+    keep = w > tol
+    inv = torch.where(keep, 1.0 / torch.where(keep, w, torch.ones_like(w)), torch.zeros_like(w))
+    return (lambda rhs: V @ (inv[:, None] * (V.T @ rhs))), "eigh", lam
+
+
+def _pivots_ok(L: Tensor, M: Tensor) -> bool:
+    # cholesky_ex can "succeed" on a numerically singular matrix with rounding-sized pivots;
+    # those would blow up the solve, so treat them as a failure.
+    if M.numel() == 0:
+        return True
+    pivots = L.diagonal() ** 2
+    floor = M.shape[0] * torch.finfo(F64).eps * float(M.diagonal().max())
+    return bool(float(pivots.min()) > floor)
+
+
+# --------------------------------------------------------------------------- LoRA form
+
+
+def _as_lora(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Exact LoRA of B @ A with rank <= min(d_in, d_out); flag says whether it went dense."""
+    d_out, R = B.shape
+    d_in = A.shape[1]
+    if R < min(d_in, d_out):
+        return B, A, False
+    dW = B @ A
+    if d_in <= d_out:
+        return dW, torch.eye(d_in, dtype=dW.dtype), True
+    return torch.eye(d_out, dtype=dW.dtype), dW, True
+
+
+def solve_site(
+    gram_sum: Tensor, terms: Mapping[str, Sequence[LayerTerm]], eps: float = DEFAULT_EPS
+) -> SiteSolution:
+    """Fused LoRA per layer of one input site: B* = [B_i], A* = [A_i G_i] (SG + lam I)^-1.
+
+    Layers with no terms are left out of the result (nothing to fuse).
+    """
+    solve, path, lam = _factor(gram_sum, eps)
+    layers = [name for name, ts in terms.items() if len(ts) > 0]
+    if not layers:
+        return SiteSolution({}, path, lam)
+    # One triangular solve for every layer of the site: stack all A_i G_i rows.
+    AG = torch.cat([t.AG.to(F64) for name in layers for t in terms[name]], dim=0)
+    A_all = solve(AG.T).T
+
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    dense: set[str] = set()
+    start = 0
+    for name in layers:
+        B = torch.cat([t.B.to(F64) for t in terms[name]], dim=1)
+        A = A_all[start : start + B.shape[1]]
+        start += B.shape[1]
+        B_out, A_out, went_dense = _as_lora(B, A.contiguous())
+        out[name] = (B_out, A_out)
+        if went_dense:
+            dense.add(name)
+    return SiteSolution(out, path, lam, frozenset(dense))
+
+
+class SiteSums:
+    """Running sums for one input site: SG, row counts, per-layer per-concept terms."""
+
+    def __init__(self, name: str, dim: int) -> None:
+        self.name = name
+        self.dim = dim
+        self.gram_sum = torch.zeros(dim, dim, dtype=F64)
+        self.rows = 0
+        self._seen: dict[str, tuple[int, float]] = {}  # concept -> (rows, tr G_i) to vet removals
+        self._terms: dict[str, dict[str, LayerTerm]] = {}  # layer -> concept -> term
+        self._out_dim: dict[str, int] = {}
+
+    @property
+    def concepts(self) -> list[str]:
+        return list(self._seen)
+
+    @property
+    def layers(self) -> list[str]:
+        return [name for name, by_concept in self._terms.items() if by_concept]
+
+    def add(
+        self, concept: str, gram: Tensor, rows: int, loras: Mapping[str, tuple[Tensor, Tensor]]
+    ) -> None:
+        """Add a concept: its Gram (dense or packed), input row count, and layer -> (B, A)."""
+        where = f"site {self.name!r}, concept {concept!r}"
+        if concept in self._seen:
+            raise ValueError(f"{where}: already added")
+        if rows < 0:
+            raise ValueError(f"{where}: negative row count {rows}")
+        G = _dense_gram(gram, self.dim, where)
+        # Validate everything before touching state, so a bad add leaves the sums intact.
+        for layer, (B, A) in loras.items():
+            self._check_lora(where, layer, B, A)
+        new_terms = self._terms_for(loras, G)
+
+        self.gram_sum += G
+        self.rows += rows
+        self._seen[concept] = (rows, float(torch.trace(G)))
+        for layer, term in new_terms.items():
+            self._terms.setdefault(layer, {})[concept] = term
+            self._out_dim[layer] = term.B.shape[0]
+
+    def remove(self, concept: str, gram: Tensor, rows: int) -> None:
+        """Undo add(concept, ...). The caller passes the same Gram and row count again."""
+        where = f"site {self.name!r}, concept {concept!r}"
+        if concept not in self._seen:
+            raise ValueError(f"{where}: not present")
+        G = _dense_gram(gram, self.dim, where)
+        seen_rows, seen_trace = self._seen[concept]
+        trace = float(torch.trace(G))
+        if rows != seen_rows or abs(trace - seen_trace) > 1e-6 * max(abs(seen_trace), 1e-300):
+            raise ValueError(f"{where}: Gram/rows differ from those added (tr {trace:.6g} vs {seen_trace:.6g})")
+
+        del self._seen[concept]
+        for by_concept in self._terms.values():
+            by_concept.pop(concept, None)
+        if self._seen:
+            self.gram_sum -= G
+            self.rows -= rows
+        else:
+            # Nothing left: reset exactly instead of carrying rounding residue forward.
+            self.gram_sum.zero_()
+            self.rows = 0
+
+    def solve(self, eps: float = DEFAULT_EPS) -> SiteSolution:
+        terms = {layer: list(by_c.values()) for layer, by_c in self._terms.items()}
+        return solve_site(self.gram_sum, terms, eps)
+
+    def _check_lora(self, where: str, layer: str, B: Tensor, A: Tensor) -> None:
+        if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or A.shape[1] != self.dim:
+            raise ValueError(
+                f"{where}, layer {layer!r}: LoRA shapes B{tuple(B.shape)} A{tuple(A.shape)} "
+                f"do not fit d_in={self.dim}"
+            )
+        if layer in self._out_dim and self._terms.get(layer) and B.shape[0] != self._out_dim[layer]:
+            raise ValueError(f"{where}, layer {layer!r}: d_out {B.shape[0]} != {self._out_dim[layer]}")
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            raise ValueError(f"{where}, layer {layer!r}: LoRA contains NaN or Inf")
+
+    @staticmethod
+    def _terms_for(loras: Mapping[str, tuple[Tensor, Tensor]], G: Tensor) -> dict[str, LayerTerm]:
+        if not loras:
+            return {}
+        # One product for all layers of the site: G (d x d) is then read once, not once per layer.
+        AG = torch.cat([A.to(F64) for _, A in loras.values()]) @ G
+        terms, start = {}, 0
+        for layer, (B, A) in loras.items():
+            # B stays in its incoming dtype (upcast at solve time, losslessly): about half the
+            # per-concept memory. A_i G_i is kept in float64.
+            terms[layer] = LayerTerm(B=B.detach().clone(), AG=AG[start : start + A.shape[0]].clone())
+            start += A.shape[0]
+        return terms
+
+
+# --------------------------------------------------------------------------- baseline
+
+
+def weight_fusion(loras: Sequence[tuple[Tensor, Tensor]], mode: str = "sum") -> tuple[Tensor, Tensor]:
+    """Paper's baseline: dW = sum_i w_i B_i A_i, w_i = 1 ("sum") or 1/n ("average"), as a LoRA."""
+    if mode not in ("sum", "average"):
+        raise ValueError(f"weight_fusion mode must be 'sum' or 'average', got {mode!r}")
+    if not loras:
+        raise ValueError("weight_fusion needs at least one LoRA")
+    for i, (B, A) in enumerate(loras):
+        if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"weight_fusion: LoRA {i} has B{tuple(B.shape)} A{tuple(A.shape)}")
+    w = 1.0 if mode == "sum" else 1.0 / len(loras)
+    B = torch.cat([w * B.to(F64) for B, _ in loras], dim=1)
+    A = torch.cat([A.to(F64) for _, A in loras], dim=0)
+    B_out, A_out, _ = _as_lora(B, A)
+    return B_out, A_out
+
+
+# --------------------------------------------------------------------------- residuals
+
+
+def _quad_trace(U: Tensor, V: Tensor, G: Tensor) -> float:
+    """tr(U V G V^T U^T) without forming U V when the rank is small."""
+    k = U.shape[1]
+    if k == 0:
+        return 0.0
+    if k < min(U.shape[0], V.shape[1]):
+        return float(((U.T @ U) * (V @ G @ V.T)).sum())
+    D = U @ V
+    return float(((D @ G) * D).sum())
+
+
+def residual_parts(
+    B_star: Tensor, A_star: Tensor, B_i: Tensor | None, A_i: Tensor | None, G_i: Tensor
+) -> tuple[float, float]:
+    """(tr((dW* - dW_i) G_i (dW* - dW_i)^T), tr(dW_i G_i dW_i^T)); B_i = A_i = None means dW_i = 0."""
+    G = G_i.to(F64)
+    Bs, As = B_star.to(F64), A_star.to(F64)
+    if B_i is None or A_i is None:
+        return max(_quad_trace(Bs, As, G), 0.0), 0.0
+    Bi, Ai = B_i.to(F64), A_i.to(F64)
+    num = _quad_trace(torch.cat([Bs, -Bi], dim=1), torch.cat([As, Ai], dim=0), G)
+    den = _quad_trace(Bi, Ai, G)
+    return max(num, 0.0), max(den, 0.0)  # tiny negatives are rounding
+
+
+def residual(B_star: Tensor, A_star: Tensor, B_i: Tensor | None, A_i: Tensor | None, G_i: Tensor) -> float:
+    """Relative error of the fused layer on concept i's inputs; nan when dW_i G_i dW_i^T = 0."""
+    num, den = residual_parts(B_star, A_star, B_i, A_i, G_i)
+    return num / den if den > 0 else float("nan")
+
+
+def site_residual(
+    fused: SiteSolution | Mapping[str, tuple[Tensor, Tensor]],
+    loras_i: Mapping[str, tuple[Tensor, Tensor]],
+    G_i: Tensor,
+) -> float:
+    """Concept i's relative error over all fused layers of a site (layers it lacks count as dW_i = 0)."""
+    layers = fused.loras if isinstance(fused, SiteSolution) else fused
+    G = unpack_sym(G_i) if G_i.ndim == 1 else G_i
+    num = den = 0.0
+    for name, (Bs, As) in layers.items():
+        Bi, Ai = loras_i.get(name, (None, None))
+        n, d = residual_parts(Bs, As, Bi, Ai, G)
+        num += n
+        den += d
+    return num / den if den > 0 else float("nan")

@@ -1,0 +1,130 @@
+"""What the server has received, on disk, so a killed server resumes where it stopped.
+
+    STATE/state.json                      base fingerprint the state belongs to
+    STATE/rounds/round-R/round.json       status (running | complete), concepts, dropped
+    STATE/rounds/round-R/<concept>/       adapter.safetensors, stats-1.safetensors (…-2, …-3), concept.json
+    STATE/registry/<concept>/             the same, for every concept of a completed round (reused later)
+
+Every file is written to a temporary name and renamed, so a kill leaves either the old or the new file.
+Statistics are safetensors (float64 Grams under `gram/<site>`, row counts in the header); no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..shared import adapter as adapter_io
+from ..shared.adapter import Adapter
+from ..shared.stats import Stats
+from ..shared.stats_file import load_stats, save_stats
+
+STAGES = (1, 2, 3)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class ServerState:
+    def __init__(self, root: str | Path, fingerprint: str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = read_json(self.root / "state.json")
+        if meta and meta.get("fingerprint") != fingerprint:
+            raise ValueError(f"state folder {self.root} belongs to base {meta.get('fingerprint')}, this server runs "
+                             f"base {fingerprint}; use another --state-dir")
+        if not meta:
+            write_json(self.root / "state.json", {"fingerprint": fingerprint, "format": "mos-server-state/1"})
+        self.fingerprint = fingerprint
+
+    # --- rounds ---------------------------------------------------------------------------------------------
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / "rounds" / f"round-{r}"
+
+    def rounds(self) -> list[int]:
+        found = [int(p.name.split("-")[1]) for p in (self.root / "rounds").glob("round-*") if p.name[6:].isdigit()]
+        return sorted(found)
+
+    def round_info(self, r: int) -> dict:
+        return read_json(self.round_dir(r) / "round.json") or {}
+
+    def open_round(self) -> tuple[int, bool]:
+        """(round, resumed): the round a previous server left unfinished, else the next new one."""
+        rounds = self.rounds()
+        if rounds and self.round_info(rounds[-1]).get("status") != "complete":
+            return rounds[-1], True
+        r = (rounds[-1] + 1) if rounds else 1
+        write_json(self.round_dir(r) / "round.json", {"round": r, "status": "running"})
+        return r, False
+
+    def complete_round(self, r: int, concepts: list[str], report: dict) -> None:
+        """Concepts of a finished round enter the registry (replacing older versions), then the round closes."""
+        for name in concepts:
+            src = self.round_dir(r) / name
+            if not src.is_dir():
+                continue  # a concept reused from the registry itself
+            dst = self.root / "registry" / name
+            tmp = dst.with_name(f".{name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(tmp, dst)
+        write_json(self.round_dir(r) / "round.json", {"round": r, "status": "complete", "concepts": concepts,
+                                                      "dropped": report.get("dropped", {})})
+
+    # --- concepts -------------------------------------------------------------------------------------------
+
+    def save_concept(self, r: int, adapter: Adapter, digest: str, info: dict) -> None:
+        d = self.round_dir(r) / adapter.concepts[0].name
+        for stage in STAGES:  # a new upload invalidates whatever an earlier attempt left for this concept
+            (d / f"stats-{stage}.safetensors").unlink(missing_ok=True)
+        adapter_io.save(adapter, d / adapter_io.FILENAME)
+        write_json(d / "concept.json", {**info, "digest": digest})
+
+    def save_stats(self, r: int, name: str, stage: int, stats: Stats) -> None:
+        save_stats(stats, self.round_dir(r) / name / f"stats-{stage}.safetensors")
+
+    def known(self, r: int) -> dict[str, str]:
+        """name -> adapter digest, for concepts of round r whose adapter and stage-1 statistics are on disk."""
+        out = {}
+        for d in sorted(self.round_dir(r).glob("*/")):
+            info = read_json(d / "concept.json")
+            if info and (d / adapter_io.FILENAME).is_file() and (d / "stats-1.safetensors").is_file():
+                out[d.name] = info["digest"]
+        return out
+
+    def load(self, folder: Path) -> tuple[Adapter, dict[int, Stats]]:
+        adapter = adapter_io.load(folder / adapter_io.FILENAME)
+        stats = {s: st for s in STAGES if (st := load_stats(folder / f"stats-{s}.safetensors")) is not None}
+        return adapter, stats
+
+    def load_round_concept(self, r: int, name: str) -> tuple[Adapter, dict[int, Stats]]:
+        return self.load(self.round_dir(r) / name)
+
+    def registry(self) -> dict[str, str]:
+        """name -> digest of every concept fused in a completed round."""
+        out = {}
+        for d in sorted((self.root / "registry").glob("*/")):
+            info = read_json(d / "concept.json")
+            if info and (d / "stats-1.safetensors").is_file():
+                out[d.name] = info["digest"]
+        return out
+
+    def load_registry(self, name: str) -> tuple[Adapter, dict[int, Stats]]:
+        return self.load(self.root / "registry" / name)
