@@ -21,6 +21,12 @@ from . import solver
 
 METHODS = ("gradient", "weight")
 
+# The product's ridge factor. ε → 0 is the exact minimum-norm solve (solver.DEFAULT_EPS, what the exactness tests
+# use), but it fits the recorded inputs so tightly that it generalises worse to new sampling trajectories: on two
+# tuned tiny-base concepts the retention error was 0.031 at ε=1e-8, 0.015 at 1e-4 and 0.012 at 1e-2 (weight fusion:
+# 0.020). λ = 1% of the mean Gram eigenvalue keeps well-visited directions exact and damps the rest.
+FUSION_EPS = 1e-2
+
 
 class FusionError(ValueError):
     pass
@@ -45,7 +51,7 @@ class Fusion:
         self.sites = {s.name: s for s in sites}
         self.site_of = {layer: s for s in sites for layer in s.layers}
         self.method = method
-        self.eps = solver.DEFAULT_EPS if eps is None else eps
+        self.eps = FUSION_EPS if eps is None else eps
         self.adapters: dict[str, Adapter] = {}
         self.stats: dict[str, Stats] = {}
         self.sums: dict[str, solver.SiteSums] = {}
