@@ -46,49 +46,48 @@ def summary(ms: list[float]) -> dict:
             "min": round(min(ms), 2), "n": len(ms)}
 
 
-def time_steps(trainer, batches, steps: int, warmup: int) -> tuple[dict, dict]:
-    """ms per step of each variant (interleaved, order rotated every round) and peak CUDA memory (GiB)."""
+def te_pass(trainer, ids: torch.Tensor) -> None:
+    """Text encoder alone, forward + backward (into the embeddings and the text encoder's LoRA)."""
+    with trainer.autocast():
+        h = trainer.base.text_encoder(ids.reshape(-1, ids.shape[-1]).to(trainer.base.device)).last_hidden_state
+    h.float().square().mean().backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def measure(trainer, batches, steps: int, warmup: int) -> tuple[dict, dict]:
+    """ms of each job per round (jobs interleaved, order rotated every round) and peak CUDA memory (GiB).
+
+    Jobs: the three step variants, and the text encoder alone with layer-wise ids (te_edlora) and plain ids
+    (te_lora). Measured in the same rounds, their ratios see the same background load.
+    """
     dev = trainer.base.device
-    ms = {v: [] for v in VARIANTS}
-    peak = {v: 0.0 for v in VARIANTS}
-    names = list(VARIANTS)
+    captions = batches[0].captions
+    te_ids = {"te_edlora": token_ids(trainer, captions, True)[0], "te_lora": token_ids(trainer, captions, False)[0]}
+    jobs = list(VARIANTS) + list(te_ids)
+    ms = {j: [] for j in jobs}
+    peak = {j: 0.0 for j in jobs}
     with trainer.attention_recording():  # unmasked variants fall through to the stock (SDPA) path
         for i in range(warmup + steps):
-            order = names[i % len(names):] + names[:i % len(names)]
-            for v in order:
-                batch = batches[i % len(batches)]
+            for j in jobs[i % len(jobs):] + jobs[:i % len(jobs)]:
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 sync(dev)
                 t0 = time.perf_counter()
-                train_step(trainer, batch, i, **VARIANTS[v])
+                if j in VARIANTS:
+                    train_step(trainer, batches[i % len(batches)], i, **VARIANTS[j])
+                else:
+                    te_pass(trainer, te_ids[j])
                 sync(dev)
                 if i >= warmup:
-                    ms[v].append((time.perf_counter() - t0) * 1e3)
+                    ms[j].append((time.perf_counter() - t0) * 1e3)
                 if dev.type == "cuda":
-                    peak[v] = max(peak[v], torch.cuda.max_memory_allocated(dev) / 2**30)
-    return {v: summary(x) for v, x in ms.items()}, peak
+                    peak[j] = max(peak[j], torch.cuda.max_memory_allocated(dev) / 2**30)
+    return ms, peak
 
 
-def time_text_encoder(trainer, captions: list[str], steps: int, warmup: int) -> dict:
-    """Text encoder forward + backward alone: L layer-wise copies per sample vs one plain copy."""
-    base = trainer.base
-    dev, te = base.device, base.text_encoder
-    ids = {True: token_ids(trainer, captions, True)[0], False: token_ids(trainer, captions, False)[0]}
-    ms = {True: [], False: []}
-    for i in range(warmup + steps):
-        for layerwise in (True, False):
-            x = ids[layerwise]
-            sync(dev)
-            t0 = time.perf_counter()
-            with trainer.autocast():
-                h = te(x.reshape(-1, x.shape[-1]).to(dev)).last_hidden_state
-            h.float().square().mean().backward()
-            sync(dev)
-            if i >= warmup:
-                ms[layerwise].append((time.perf_counter() - t0) * 1e3)
-            trainer.optimizer.zero_grad(set_to_none=True)
-    return {"edlora_ms": summary(ms[True]), "lora_ms": summary(ms[False])}
+def ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of the per-round ratio (robust to load that changes between rounds)."""
+    return round(statistics.median(a / b for a, b in zip(num, den)), 3)
 
 
 def prefix_tokens(trainer, captions: list[str]) -> int:
@@ -117,15 +116,14 @@ def main() -> None:
     load_s = time.perf_counter() - t_start
     steps = args.steps or (10 if base.device.type == "cuda" else 20)
     data = load_concept(args.concept, base.resolution)
-    trainer = make_trainer(base, data.name, data.class_word or "doll", TuneConfig(steps=10**6, batch_size=args.batch_size),
+    config = TuneConfig(steps=10**6, batch_size=args.batch_size)  # lr stays at its start over the few steps timed
+    trainer = make_trainer(base, data.name, data.class_word or "doll", config,
                            gradient_checkpointing=args.gradient_checkpointing)
     batches = [make_batch(data, args.batch_size, 0, s, base.resolution) for s in range(4)]
-    step_ms, peak = time_steps(trainer, batches, steps, args.warmup)
-    te = time_text_encoder(trainer, batches[0].captions, steps, args.warmup)
+    ms, peak = measure(trainer, batches, steps, args.warmup)
     prefix = prefix_tokens(trainer, batches[0].captions)
     seq = base.tokenizer.model_max_length
-    ed, plain = step_ms["edlora"]["median"], step_ms["lora"]["median"]
-    te_share = te["edlora_ms"]["median"] / ed
+    te_share = ratio(ms["te_edlora"], ms["edlora"])
     result = {
         "base": args.base, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
         "device_name": torch.cuda.get_device_name(base.device) if base.device.type == "cuda" else platform.processor()
@@ -133,11 +131,12 @@ def main() -> None:
         "resolution": base.resolution, "batch_size": args.batch_size, "cross_attention_layers": trainer.model.n_layers,
         "gradient_checkpointing": args.gradient_checkpointing, "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "ms_per_step": step_ms,
-        "ratio_edlora_over_lora": round(ed / plain, 3),
-        "ratio_edlora_masked_over_lora": round(step_ms["edlora_masked"]["median"] / plain, 3),
-        "text_encoder_fwd_bwd": {**te, "share_of_edlora_step": round(te_share, 3),
-                                 "share_of_lora_step": round(te["lora_ms"]["median"] / plain, 3)},
+        "ms_per_step": {v: summary(ms[v]) for v in VARIANTS},
+        "ratio_edlora_over_lora": ratio(ms["edlora"], ms["lora"]),
+        "ratio_edlora_masked_over_lora": ratio(ms["edlora_masked"], ms["lora"]),
+        "text_encoder_fwd_bwd": {"edlora_ms": summary(ms["te_edlora"]), "lora_ms": summary(ms["te_lora"]),
+                                 "share_of_edlora_step": te_share,
+                                 "share_of_lora_step": ratio(ms["te_lora"], ms["lora"])},
         "causal_prefix": {"tokens": prefix, "of_sequence": seq,
                           "max_saving_of_edlora_step": round(te_share * prefix / seq, 4),
                           "note": "upper bound: only positions before the first concept token are shared; "

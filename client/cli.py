@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..shared import flower_procs as fp
     from ..shared.base import load_base
     from ..shared.threads import limit_threads
     from ..shared.tls import check_node_key, client_root_cert

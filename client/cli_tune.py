@@ -8,7 +8,7 @@ from mos.shared.cli_base import add_base_options
 
 
 def register(sub) -> None:
-    from .tune import CHECKPOINT_EVERY, DEFAULT_PASSES, STEP_CAP
+    from .tune_settings import CHECKPOINT_EVERY, DEFAULT_PASSES, STEP_CAP
 
     p = sub.add_parser("tune", help="tune one concept's ED-LoRA", description=(
         "Tune a concept's ED-LoRA (two layer-wise tokens + LoRA) from a folder of images with optional "
@@ -34,6 +34,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from .data import image_files
+
+    image_files(args.concept)  # a missing or empty folder is reported before the heavy imports
     from .tune import tune
 
     try:

@@ -4,8 +4,9 @@ It lives in the `mos-client` process (ClientApp processes relay to it, see relay
 concept's adapter loaded, and caches statistics on disk keyed by the stage, the adapter's digest, the base
 fingerprint and the digest of what the server sent, so a restarted server is answered without recomputing.
 
-`MOS_TEST_FAULT` (tests only) corrupts this client's upload on purpose: `nan:STAGE` puts a NaN into one Gram,
-`shape:STAGE` sends one Gram with the wrong size. The server must reject the client and leave the others be.
+`MOS_TEST_FAULT` (tests only) misbehaves on purpose: `nan:STAGE` puts a NaN into one Gram of that stage's upload,
+`shape:STAGE` sends one Gram with the wrong size (the server must reject the client and leave the others be),
+`slow:STAGE` waits SLOW_S seconds before answering that stage (a client that can be killed mid-stage).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..shared.threads import limit_threads
 FAULT_ENV = "MOS_TEST_FAULT"
 CACHE_VERSION = 1
 SAMPLE_STEPS = 20  # stage-3 sampling steps: the same default as `mos fuse`
+SLOW_S = 30.0
 
 
 @dataclass
@@ -74,6 +76,10 @@ class Worker:
                    "train.result": self.on_result, "query.notice": self.on_notice}.get(kind)
         if handler is None:
             raise ValueError(f"unknown message type {kind!r}")
+        stage = {"train.tune": 1, "query.kv": 2, "query.spatial": 3}.get(kind)
+        if stage and self.fault == f"slow:{stage}":
+            print(f"{FAULT_ENV}: waiting {SLOW_S:.0f} s before answering {kind}", file=sys.stderr, flush=True)
+            time.sleep(SLOW_S)
         reply = handler(rd)
         say(f"{kind:<13} replied {wire.record_bytes(reply) / 1e6:.2f} MB in {time.time() - t0:.1f} s")
         return reply
@@ -162,10 +168,10 @@ class Worker:
 
     def faulty(self, rd: RecordDict, stage: int) -> RecordDict:
         kind, _, at = self.fault.partition(":")
-        if not kind or at != str(stage):
+        if not kind or at != str(stage) or kind == "slow":
             return rd
         if kind not in ("nan", "shape"):
-            raise ValueError(f"{FAULT_ENV}={self.fault}: use nan:STAGE or shape:STAGE")
+            raise ValueError(f"{FAULT_ENV}={self.fault}: use nan:STAGE, shape:STAGE or slow:STAGE")
         tensors = safetensors_load(rd["stats.tensors"][wire.BLOB_KEY].data)
         key = sorted(k for k in tensors if k.startswith("gram/"))[0]
         t = tensors[key].clone()

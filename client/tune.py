@@ -34,13 +34,7 @@ from . import checkpoint
 from .data import ConceptData, image_files, load_concept, make_batch
 from .edlora import StepStats, TuneConfig, Trainer, make_trainer, train_step
 from .report import plot_loss, sample_grid
-
-# Default length: the reference makes ~500 passes over the images (batch 2-4). On a CPU that is capped so a
-# demo-sized concept tunes in minutes; --steps always wins.
-DEFAULT_PASSES = 500
-STEP_CAP = {"cuda": 4000, "cpu": 400}
-CHECKPOINT_EVERY = 250
-SAMPLE_STEPS = 20
+from .tune_settings import CHECKPOINT_EVERY, DEFAULT_PASSES, SAMPLE_STEPS, STEP_CAP
 
 
 def say(msg: str) -> None:

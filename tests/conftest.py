@@ -17,7 +17,7 @@ for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY
              "FLWR_DISABLE_UPDATE_CHECK": "1", "TRANSFORMERS_VERBOSITY": "error",
              # Tiny models gain nothing from a second thread, and servers + clients started by tests share 2 cores:
              # oversubscribed threads made them 20x slower.
-             "OMP_NUM_THREADS": "1"}.items():
+             "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}.items():
     os.environ.setdefault(k, v)
 torch.set_num_threads(1)  # tiny models: 1 thread is as fast, and far faster when the machine is busy
 
