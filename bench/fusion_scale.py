@@ -180,7 +180,9 @@ def run_scale(n: int, sites: list[dict], residual_upto: int, gram_dtype: torch.d
     base_rss = _maxrss_mib()
     sums = [SiteSums(s["site"], s["dim"]) for s in sites]
     gen_s = add_s = 0.0
+    add_per_concept = []
     for c in range(n):  # stream: the server only ever sees one concept's Grams at a time
+        add_before = add_s
         for k, s in enumerate(sites):
             t0 = time.perf_counter()
             gram, rows = concept_gram(k, s["dim"], c, gram_dtype)
@@ -190,6 +192,8 @@ def run_scale(n: int, sites: list[dict], residual_upto: int, gram_dtype: torch.d
             add_s += time.perf_counter() - t1
             gen_s += t1 - t0
             del gram
+        add_per_concept.append(add_s - add_before)
+    tenth = max(1, n // 10)
     held = {
         "gram_sums_mib": _mib(sm.gram_sum for sm in sums),
         "terms_mib": _mib(t for sm in sums for by_c in sm._terms.values() for term in by_c.values() for t in (term.B, term.AG)),
@@ -210,6 +214,8 @@ def run_scale(n: int, sites: list[dict], residual_upto: int, gram_dtype: torch.d
 
     out = {
         "n": n, "gen_s": gen_s, "add_s": add_s, "solve_s": solve_s, "server_s": add_s + solve_s,
+        "add_s_per_concept_first_tenth": sum(add_per_concept[:tenth]) / tenth,
+        "add_s_per_concept_last_tenth": sum(add_per_concept[-tenth:]) / tenth,
         "peak_rss_mib": peak, "start_rss_mib": base_rss, **held,
         "paths": dict(paths), "dense_layers": dense, "lam_min": min(lams), "lam_max": max(lams),
         "fused_rank_max": max(B.shape[1] for site in fused.values() for B, _ in site.values()),
@@ -401,11 +407,11 @@ def print_table(scale: list[dict]) -> None:
 
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
-    env = {"OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_NUM_THREADS": str(args.threads)}
     if not args.glibc_malloc_default:
-        # A fixed threshold sends every large block to mmap. With glibc's default dynamic threshold,
-        # the transient d x d Grams land in the heap between the small long-lived per-concept terms,
-        # and RSS grew ~300 MiB per concept at SD1.5 sizes instead of the ~7 MiB the terms need.
+        # Fixed threshold: every block >= 128 KiB is its own mmap, returned on free. With glibc's
+        # default (dynamic) threshold the d x d temporaries of the solve and of the fake clients
+        # share the heap with long-lived small tensors, and RSS carries the fragmentation.
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     return env
 
@@ -418,10 +424,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a subset of sites (one block per width, 2 text layers)")
     ap.add_argument("--residual-upto", type=int, default=10, help="report concept-0 residuals for N up to this")
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (default 2)")
+    ap.add_argument("--glibc-malloc-default", action="store_true",
+                    help="do not set MALLOC_MMAP_THRESHOLD_=131072 in the scale children (see notes)")
     ap.add_argument("--lbfgs-max-s", type=float, default=60.0,
                     help="stop an LBFGS sample after this long and extrapolate its time (default 60)")
-    ap.add_argument("--glibc-malloc-default", action="store_true",
-                    help="leave glibc's dynamic mmap threshold on in the scale children (see notes)")
     ap.add_argument("--gram-dtype", choices=("float32", "float64"), default="float32",
                     help="dtype the Grams reach the server in (shared/wire.py ships float32 by default)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -498,9 +504,11 @@ def main() -> None:
             "rows for spatial layers (20 timesteps x H*W tokens), so the real LBFGS cost is higher and the ratio here is conservative.",
             "Per-layer closed_s in the LBFGS comparison includes building the Grams from the raw activations (clients' work); "
             "closed_server_s is the server's add + solve alone.",
-            "Scale children run with MALLOC_MMAP_THRESHOLD_=131072 (machine.scale_child_env) unless --glibc-malloc-default: "
-            "with glibc's dynamic mmap threshold, transient d x d Grams interleave in the heap with the small long-lived "
-            "per-concept terms and RSS grew ~300 MiB per concept at SD1.5 sizes (measured, N<=6). mos-server wants the same setting.",
+            "Allocator: scale children run with MALLOC_MMAP_THRESHOLD_=131072 (machine.scale_child_env; off with "
+            "--glibc-malloc-default). With glibc's dynamic threshold, d x d temporaries share the heap with long-lived "
+            "small tensors: an earlier SiteSums.add that copied each Gram to float64 made RSS grow ~300 MiB per concept at "
+            "SD1.5 sizes (N<=6); add now works blockwise, but the solve's d x d factors and the callers' own temporaries "
+            "still cost ~250-330 MiB of fragmentation at N=2..10 without the setting (this session). Recommended for mos-server.",
             "Scale-run Grams are the expectation of X^T X over the noise (full rank), so they cost 24 d^2 to make; the solver "
             "cost does not depend on how a Gram was made. Residuals reflect the synthetic overlap: every concept shares 16 "
             "strong input directions and brings an unrelated random LoRA, a deliberately hard conflict; not a quality figure.",
@@ -510,6 +518,10 @@ def main() -> None:
             "does) for the cross-attention k/v layers, which read text features.",
         ],
     }
+    if args.threads != THREADS:
+        result["notes"].append(
+            f"Run with --threads {args.threads}, not the default {THREADS}: on this shared machine (load averages in "
+            "machine.*) two torch threads on two oversubscribed cores ran 4-15x slower than one, measured in this session.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

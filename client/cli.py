@@ -109,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
     base = load_base(args.base, args.device)
     limit_threads(base)
     adapter, data_digest = prepare_adapter(args)
+    if len(adapter.concepts) != 1:
+        raise ValueError(f"--adapter holds {len(adapter.concepts)} concepts; a client brings exactly one")
+    if adapter.fingerprint != base.fingerprint:
+        raise ValueError(f"the adapter was tuned on base {adapter.fingerprint}, but --base {args.base} is "
+                         f"{base.fingerprint}")
     name = adapter.concepts[0].name
     out = Path(args.out or Path("mos-out") / name).resolve()
     work = Path(tempfile.mkdtemp(prefix="mos-node-"))  # short path: Unix sockets allow ~100 characters

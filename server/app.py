@@ -108,6 +108,11 @@ def main(grid: Grid, context: Context) -> None:
             runner.notify({n: ("dropped", f"round {r} failed: {e}") for n in runner.members})
             runner.await_notices(NOTICE_WAIT_S)
             continue
+        except Exception as e:  # a bug or a broken state folder: clients must not wait for a result forever
+            say(f"round failed on the server: {type(e).__name__}: {e}")
+            runner.notify({n: ("dropped", f"the server failed in round {r}: {type(e).__name__}") for n in runner.members})
+            runner.await_notices(NOTICE_WAIT_S)
+            raise
         write_round(out / f"round-{r}", result, runner, settings, base, say)
         acked = runner.send_result((out / f"round-{r}" / adapter_io.FILENAME).read_bytes())
         state.complete_round(r, [c.name for c in result.concepts], result.meta.get("fusion", {}))

@@ -79,7 +79,7 @@ Public API (all results float64; callers cast for storage)
 DEFAULT_EPS                                   ridge factor eps (see above)
 LayerTerm(B, AG)                              one concept's terms for one layer
 SiteSolution(loras, path, lam, dense)         solve output: layer -> (B*, A*), "cholesky"|"eigh", lam, dense layers
-SiteSums(name, dim)                           running sums of one site
+SiteSums(name, dim)                           running sums of one site (.gram_sum, .rows, .concepts, .layers)
   .add(concept, gram, rows, loras)            loras: layer -> (B, A); gram dense d x d or packed
   .remove(concept, gram, rows)                gram/rows as given to add
   .solve(eps=DEFAULT_EPS) -> SiteSolution
@@ -183,27 +183,46 @@ def check_gram(G: Tensor, name: str, dim: int | None = None) -> None:
         raise ValueError(f"Gram for {name}: expected a floating dtype, got {G.dtype}")
     if G.numel() == 0:
         return
-    Gd = G.to(F64)
-    lo, hi = (float(v) for v in torch.aminmax(Gd))  # NaN and Inf propagate: one pass checks both
+    lo, hi = (float(v) for v in torch.aminmax(G))  # NaN and Inf propagate: one pass checks both
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"Gram for {name}: contains NaN or Inf")
     scale = max(-lo, hi)
-    asym = _max_asym(Gd)
+    asym = _max_asym(G)
     if asym > SYM_RTOL * scale:
         raise ValueError(f"Gram for {name}: not symmetric (max |G - G^T| = {asym:.3g}, max |G| = {scale:.3g})")
-    diag_min = float(Gd.diagonal().min())
+    diag_min = float(G.diagonal().min())
     if diag_min < -SYM_RTOL * scale:
         raise ValueError(f"Gram for {name}: negative diagonal entry ({diag_min:.3g}); not X^T X")
 
 
-def _max_asym(G: Tensor, tile: int = 256) -> float:
-    """max |G - G^T|, tile by tile: reading G^T whole is a strided sweep several times slower."""
+# Work on d x d Grams in pieces of at most this many bytes. Whole-matrix temporaries cost a
+# d x d allocation per concept and site; interleaved with the small long-lived per-concept terms
+# they fragment glibc's heap (RSS grew by hundreds of MiB per concept at SD1.5 sizes).
+_BLOCK_BYTES = 64 * 1024
+
+
+def _max_asym(G: Tensor) -> float:
+    """max |G - G^T|, tile by tile (reading G^T whole is a slow strided sweep), in one scratch."""
     d, worst = G.shape[0], 0.0
+    tile = max(1, min(d, math.isqrt(_BLOCK_BYTES // G.element_size())))
+    scratch = torch.empty(tile, tile, dtype=G.dtype)
     for i in range(0, d, tile):
         for j in range(i, d, tile):
-            diff = G[i : i + tile, j : j + tile] - G[j : j + tile, i : i + tile].T
+            a, b = G[i : i + tile, j : j + tile], G[j : j + tile, i : i + tile].T
+            diff = torch.sub(a, b, out=scratch[: a.shape[0], : a.shape[1]])
             worst = max(worst, float(diff.abs_().max()))
     return worst
+
+
+def _times_gram(A: Tensor, G: Tensor) -> Tensor:
+    """A @ G in float64 without copying a lower-precision G to float64 whole."""
+    if G.dtype == F64:
+        return A @ G
+    out = torch.zeros(A.shape[0], G.shape[1], dtype=F64)
+    step = max(1, _BLOCK_BYTES // (8 * G.shape[1]))
+    for r in range(0, G.shape[0], step):
+        out.addmm_(A[:, r : r + step], G[r : r + step].to(F64))
+    return out
 
 
 def _dense_gram(gram: Tensor, dim: int, name: str) -> Tensor:
@@ -213,7 +232,7 @@ def _dense_gram(gram: Tensor, dim: int, name: str) -> Tensor:
         except ValueError as exc:
             raise ValueError(f"Gram for {name}: {exc}") from None
     check_gram(gram, name, dim)
-    return gram.to(F64)
+    return gram  # kept in its own dtype: add/remove promote it in place or blockwise, never whole
 
 
 # --------------------------------------------------------------------------- factorisation
@@ -335,9 +354,9 @@ class SiteSums:
             self._check_lora(where, layer, B, A)
         new_terms = self._terms_for(loras, G)
 
-        self.gram_sum += G
+        self.gram_sum += G  # promotes in place: no float64 copy of G
         self.rows += rows
-        self._seen[concept] = (rows, float(torch.trace(G)))
+        self._seen[concept] = (rows, float(G.diagonal().sum(dtype=F64)))
         for layer, term in new_terms.items():
             self._terms.setdefault(layer, {})[concept] = term
             self._out_dim[layer] = term.B.shape[0]
@@ -349,7 +368,7 @@ class SiteSums:
             raise ValueError(f"{where}: not present")
         G = _dense_gram(gram, self.dim, where)
         seen_rows, seen_trace = self._seen[concept]
-        trace = float(torch.trace(G))
+        trace = float(G.diagonal().sum(dtype=F64))
         if rows != seen_rows or abs(trace - seen_trace) > 1e-6 * max(abs(seen_trace), 1e-300):
             raise ValueError(f"{where}: Gram/rows differ from those added (tr {trace:.6g} vs {seen_trace:.6g})")
 
@@ -384,7 +403,7 @@ class SiteSums:
         if not loras:
             return {}
         # One product for all layers of the site: G (d x d) is then read once, not once per layer.
-        AG = torch.cat([A.to(F64) for _, A in loras.values()]) @ G
+        AG = _times_gram(torch.cat([A.to(F64) for _, A in loras.values()]), G)
         terms, start = {}, 0
         for layer, (B, A) in loras.items():
             # B stays in its incoming dtype (upcast at solve time, losslessly): about half the

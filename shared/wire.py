@@ -19,7 +19,6 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -496,10 +495,3 @@ def decode_fused(rd: RecordDict, base: BaseManifest, where: str = "server") -> F
     concepts = [Concept(c.name, c.class_word, _get(tensors, c.embeddings, f"{where}, concept {c.name}", shape).float())
                 for c in m.concepts]
     return Fused(m, lora, concepts, None)
-
-
-def read_adapter_bytes(path: str | Path) -> bytes:
-    data = Path(path).read_bytes()
-    if len(data) > MAX_ADAPTER_FILE:
-        raise WireError(f"{path}: {len(data)} bytes is over the adapter cap")
-    return data

@@ -76,9 +76,10 @@ class Party:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, needle: str, timeout: float) -> None:
+    def wait_for(self, needle: str, timeout: float, after: int = 0) -> None:
+        """Until `needle` shows in the output (past character `after`)."""
         t0 = time.time()
-        while needle not in self.text():
+        while needle not in self.text()[after:]:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited {self.proc.returncode} before {needle!r}:\n{self.text()}")
             if time.time() - t0 > timeout:
@@ -213,16 +214,16 @@ def test_tls_auth_restart_and_dropout(tmp_path, parties):
     alice = client(parties, tmp_path, "alice", port, *secure("alice"), "--no-pipeline")
     bob = client(parties, tmp_path, "bob", port, *secure("bob"), "--no-pipeline")
     erin = client(parties, tmp_path, "erin", port, *secure("erin"), "--adapter",
-                  saved_adapter(tmp_path, "tiny", "erin", 5))
+                  saved_adapter(tmp_path, "tiny", "erin", 5), env={"MOS_TEST_FAULT": "slow:2"})
     mallory = client(parties, tmp_path, "mallory", port, *secure("mallory"), "--adapter",
                      saved_adapter(tmp_path, "tiny", "mallory", 6))
 
     server.wait_for("train.tune    done: 3/3", 600)
     server.kill()  # after stage 1: what it received is in --state-dir
     restarted = start(parties, "server-2", server_args, tmp_path)
-    restarted.wait_for("query.kv", 600)
-    erin.wait_for("query.kv      received", 300)
-    erin.kill()  # vanishes mid-stage
+    restarted.wait_for("train.tune    done", 600)
+    erin.wait_for("query.kv      received", 300, after=len(erin.text()))
+    erin.kill()  # vanishes while working on query.kv (she takes 30 s to answer it)
 
     assert mallory.wait(300) == 6, mallory.text()  # refused at every attempt, then gives up
     assert "not registered" in mallory.text()

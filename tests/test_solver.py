@@ -431,3 +431,21 @@ def test_check_gram_tiles_cover_the_whole_matrix(i, j):
     bad[i, j] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         check_gram(bad, SITE)
+
+
+def test_float32_gram_is_used_blockwise_like_its_float64_copy():
+    # SiteSums never copies a float32 Gram to float64 whole; the blockwise path must agree.
+    g = gen(21)
+    d = 300  # several row blocks and several symmetry tiles
+    x = torch.randn(400, d, generator=g)
+    G32 = x.T @ x
+    G32 = 0.5 * (G32 + G32.T)
+    loras = {"to_k": lora(40, d, 3, g), "to_v": lora(40, d, 2, g)}
+    a, b = SiteSums("s32", d), SiteSums("s64", d)
+    a.add("c", G32, 400, loras)
+    b.add("c", G32.double(), 400, loras)
+    assert torch.equal(a.gram_sum, b.gram_sum)
+    for layer in loras:
+        assert rel(a._terms[layer]["c"].AG, b._terms[layer]["c"].AG) < 1e-14
+    a.remove("c", G32, 400)
+    assert torch.count_nonzero(a.gram_sum) == 0
