@@ -78,6 +78,12 @@ def refused(log_text: str) -> str | None:
     return None
 
 
+def wedged(log_text: str) -> bool:
+    """Flower 1.42: a SuperNode that was sending a reply when the SuperLink restarted gets '401 Unauthorized'
+    from the new one, tries to exit from a retry thread and deadlocks; it neither exits nor reconnects."""
+    return "401 Unauthorized" in log_text or "KeyboardInterrupt" in log_text
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..shared.cli import setup_environment
 
@@ -173,6 +179,10 @@ def supervise(args: argparse.Namespace, worker, socket_path: Path, log: Path, ro
                                       {"mos-worker": str(socket_path)}, log, root_cert, auth_key)
         if worker.done.wait(1.0):
             return node, None
+        if wedged(node.output()):
+            say("the SuperNode lost its session with a restarted server and hangs; starting a new one")
+            node.stop()
+            continue
         why = refused(node.tail(20))
         if why:  # a SuperNode retries a certificate it cannot verify forever: give up here
             refused_since = refused_since or time.time()

@@ -94,13 +94,23 @@ class Party:
             raise AssertionError(f"{self.name} still running after {timeout:.0f} s:\n{self.text()}") from None
 
     def kill(self) -> None:
-        """SIGKILL the party and every process below it (Flower starts some in sessions of their own)."""
-        for pid in [*descendants(self.proc.pid), self.proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL the party and every process below it (Flower starts some in sessions of their own):
+        freeze the tree first so that nothing new is spawned between listing and killing."""
+        tree = [self.proc.pid]
+        for _ in range(3):
+            for pid in tree:
+                _signal(pid, signal.SIGSTOP)
+            tree = list(dict.fromkeys([self.proc.pid, *tree, *descendants(self.proc.pid)]))
+        for pid in tree:
+            _signal(pid, signal.SIGKILL)
         self.proc.wait(30)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture
