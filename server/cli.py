@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent / "flwr_app"
 STATUS_EVERY_S = 15.0
+STATUS_MISSES = 8  # consecutive failed `flwr ls` calls (each up to 60 s) before giving up
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +41,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="how clients send Gram matrices: float32 (default; half the bytes) or float64 (exact: the "
                    "result then equals `mos fuse` to rounding)")
     p.add_argument("--tls-dir", default=None, help="use (or make) ca.pem + server.pem/.key here; clients need ca.pem")
+    p.add_argument("--tls-name", action="append", default=[], metavar="NAME",
+                   help="another name or address clients use to reach this server, for its certificate "
+                   "(repeatable; this machine's hostname and --host are always in it)")
     p.add_argument("--auth-keys", default=None, help="folder of clients' *.pub keys: only those nodes may join")
     p.add_argument("--no-preview", action="store_true", help="skip preview.png")
     return p.parse_args(argv)
@@ -87,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     state.mkdir(parents=True, exist_ok=True)
     tls = None
     if args.tls_dir:
-        t = ensure_server_tls(args.tls_dir, [args.host])
+        # Clients check the name they dial: in a compose network that is the service's hostname.
+        t = ensure_server_tls(args.tls_dir, [args.host, socket.gethostname(), *args.tls_name])
         tls = fp.Tls(t.ca.resolve(), t.cert.resolve(), t.key.resolve())
         say(f"TLS on: clients need {t.ca.resolve()} (pass its folder as mos-client --tls-dir)")
     link = fp.start_superlink(state / "flwr" / "superlink", args.host, args.port, state / "logs" / "superlink.log",
@@ -127,6 +134,7 @@ def follow(cli_home: Path, run_id: int, progress: Path, offset: int, link, stopp
     from ..shared import flower_procs as fp
 
     last_check = time.time()
+    misses = 0
     while True:
         offset, text = tail(progress, offset)
         if stopping():
@@ -137,7 +145,17 @@ def follow(cli_home: Path, run_id: int, progress: Path, offset: int, link, stopp
             return 1
         if "ServerApp finished" in text or time.time() - last_check > STATUS_EVERY_S:
             last_check = time.time()
-            status, details = fp.run_status(cli_home, run_id)
+            try:
+                status, details = fp.run_status(cli_home, run_id)
+                misses = 0
+            except (subprocess.TimeoutExpired, RuntimeError) as e:
+                # A loaded machine can make `flwr ls` slow or fail once; the run itself is unaffected.
+                misses += 1
+                if misses >= STATUS_MISSES:
+                    say(f"cannot read the run's status ({misses} tries): {e}")
+                    return 1
+                say(f"run status not available yet ({e.__class__.__name__}); retrying")
+                continue
             if status.startswith("finished"):
                 time.sleep(0.5)
                 tail(progress, offset)  # the ServerApp's last lines
