@@ -9,15 +9,13 @@ the step and data order and noise from (seed, step), so this is the whole state 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..shared.files import save_tensors
 from .edlora import Trainer
 
 FILENAME = "checkpoint.safetensors"
@@ -38,15 +36,7 @@ def save(trainer: Trainer, step: int, path: Path, key: dict[str, Any]) -> None:
             "embedding_frozen_at": trainer.embedding_frozen_at if trainer.embedding_frozen else None,
             "losses": trainer.losses[:step],
             "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"mos-checkpoint": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_tensors(tensors, path, {"mos-checkpoint": json.dumps(meta)})
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -27,7 +27,8 @@ REFUSAL_GRACE_S = 45  # how long a refused node keeps trying before it exits (co
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mos-client", description="Join a mos-server with one concept.")
-    p.add_argument("--concept", required=True, help="concept folder (images, optional captions, masks, concept.toml)")
+    p.add_argument("--concept", default=None, help="concept folder (images, optional captions, masks, concept.toml); "
+                   "not needed with --adapter")
     p.add_argument("--server", default="127.0.0.1:9092", help="the server's HOST:PORT (default 127.0.0.1:9092)")
     p.add_argument("--out", default=None, help="output folder (default mos-out/<concept name>)")
     p.add_argument("--steps", type=int, default=None, help="tuning steps (default: scaled to the data)")
@@ -40,7 +41,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wait", type=float, default=0, help="give up after this many seconds without a result "
                    "(default 0: wait for the server as long as it takes)")
     p.add_argument("--no-pipeline", action="store_true", help="skip the merged diffusers pipeline folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.concept and not args.adapter:
+        p.error("give --concept FOLDER (tune on it) or --adapter FILE (an adapter tuned or imported before)")
+    return args
 
 
 def say(msg: str) -> None:
@@ -54,7 +58,7 @@ def prepare_adapter(args: argparse.Namespace):
 
     if args.adapter:
         adapter = adapter_io.load(args.adapter)
-        say(f"using adapter {args.adapter} (<{adapter.concepts[0].name}>)")
+        say(f"using adapter {args.adapter} ({', '.join(c.handle for c in adapter.concepts) or 'no concept'})")
         return adapter, str(adapter.meta.get("data_digest", ""))
     from .tune import tune
 
@@ -103,9 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from . import relay
     from .node import Worker
 
-    concept_dir = Path(args.concept)
-    if not args.adapter and not concept_dir.is_dir():
-        raise FileNotFoundError(f"--concept {concept_dir}: no such folder")
+    if not args.adapter and not Path(args.concept).is_dir():
+        raise FileNotFoundError(f"--concept {args.concept}: no such folder")
     root_cert = client_root_cert(args.tls_dir).resolve() if args.tls_dir else None
     auth_key = check_node_key(args.auth_key) if args.auth_key else None
     host, _, port = args.server.rpartition(":")

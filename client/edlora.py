@@ -165,7 +165,7 @@ def token_ids(trainer: Trainer, captions: list[str], layerwise: bool = True) -> 
     handle = trainer.concept.handle
     ids = prompts.layerwise_ids([c.replace("<TOK>", handle) for c in captions])  # [B, L, n]
     emb = prompts.embedding
-    c = prompts.names.index(trainer.concept.name)
+    c = prompts.table_index(trainer.concept.name)
     rows = torch.tensor([emb.row(c, 0, 0), emb.row(c, 0, 1)])
     first = ids[:, 0]
     hit = first[:, :, None] == rows  # [B, n, 2]

@@ -27,7 +27,7 @@ class TensorSpec(_message.Message):
     def __init__(self, key: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ConceptManifest(_message.Message):
-    __slots__ = ("version", "name", "class_word", "base_fingerprint", "adapter_digest", "data_digest", "n_layers", "embedding_dim", "lora", "cached", "client_version", "embeddings")
+    __slots__ = ("version", "name", "class_word", "base_fingerprint", "adapter_digest", "data_digest", "n_layers", "embedding_dim", "lora", "cached", "client_version", "embeddings", "trigger")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_WORD_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ConceptManifest(_message.Message):
     CACHED_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
     version: int
     name: str
     class_word: str
@@ -52,17 +53,20 @@ class ConceptManifest(_message.Message):
     cached: bool
     client_version: str
     embeddings: TensorSpec
-    def __init__(self, version: _Optional[int] = ..., name: _Optional[str] = ..., class_word: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., adapter_digest: _Optional[str] = ..., data_digest: _Optional[str] = ..., n_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., lora: _Optional[_Iterable[_Union[LoraLayer, _Mapping]]] = ..., cached: _Optional[bool] = ..., client_version: _Optional[str] = ..., embeddings: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+    trigger: str
+    def __init__(self, version: _Optional[int] = ..., name: _Optional[str] = ..., class_word: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., adapter_digest: _Optional[str] = ..., data_digest: _Optional[str] = ..., n_layers: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., lora: _Optional[_Iterable[_Union[LoraLayer, _Mapping]]] = ..., cached: _Optional[bool] = ..., client_version: _Optional[str] = ..., embeddings: _Optional[_Union[TensorSpec, _Mapping]] = ..., trigger: _Optional[str] = ...) -> None: ...
 
 class ConceptEntry(_message.Message):
-    __slots__ = ("name", "class_word", "embeddings")
+    __slots__ = ("name", "class_word", "embeddings", "trigger")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_WORD_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
     name: str
     class_word: str
     embeddings: TensorSpec
-    def __init__(self, name: _Optional[str] = ..., class_word: _Optional[str] = ..., embeddings: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+    trigger: str
+    def __init__(self, name: _Optional[str] = ..., class_word: _Optional[str] = ..., embeddings: _Optional[_Union[TensorSpec, _Mapping]] = ..., trigger: _Optional[str] = ...) -> None: ...
 
 class LoraLayer(_message.Message):
     __slots__ = ("name", "rank", "in_dim", "out_dim", "a", "b")

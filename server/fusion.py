@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-import torch
-
 from ..shared.adapter import Adapter
 from ..shared.concepts import Concept
 from ..shared.lora import Lora

@@ -1,25 +1,24 @@
 """The adapter file: one concept (a client's ED-LoRA) or many (a fused result), as safetensors.
 
 Tensors: `lora.<layer>.A` [r, d_in], `lora.<layer>.B` [d_out, r] (scale folded in: ΔW = B @ A), and
-`emb.<concept>` [layers, 2, dim]. The safetensors header's metadata holds `mos` = JSON:
-{"format": "mos-adapter", "version": 1, "fingerprint": ..., "concepts": [{name, class_word}], ...}.
+`emb.<concept>` [layers, 2, dim] ([layers, 0, dim] for a concept imported from a plain LoRA). The safetensors
+header's metadata holds `mos` = JSON: {"format": "mos-adapter", "version": 1, "fingerprint": ...,
+"concepts": [{name, class_word[, trigger]}], ...}.
 No pickle anywhere: reading an adapter never runs code.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .concepts import Concept
+from .files import save_tensors
 from .lora import Lora
 
 FORMAT = "mos-adapter"
@@ -51,7 +50,6 @@ def adapter_file(path: str | Path) -> Path:
 def save(adapter: Adapter, path: str | Path) -> Path:
     """Write atomically: a reader never sees half a file."""
     path = adapter_file(path) if Path(path).is_dir() else Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for layer, (B, A) in adapter.lora.items():
         tensors[f"lora.{layer}.A"] = A.detach().float().contiguous().cpu()
@@ -59,16 +57,12 @@ def save(adapter: Adapter, path: str | Path) -> Path:
     for c in adapter.concepts:
         tensors[f"emb.{c.name}"] = c.embeddings.detach().float().contiguous().cpu()
     meta = {**adapter.meta, "format": FORMAT, "version": VERSION, "fingerprint": adapter.fingerprint,
-            "concepts": [{"name": c.name, "class_word": c.class_word} for c in adapter.concepts]}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"mos": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+            "concepts": [concept_meta(c) for c in adapter.concepts]}
+    return save_tensors(tensors, path, {"mos": json.dumps(meta, sort_keys=True)})
+
+
+def concept_meta(c: Concept) -> dict[str, str]:
+    return {"name": c.name, "class_word": c.class_word, **({"trigger": c.trigger} if c.trigger else {})}
 
 
 def load(path: str | Path, max_bytes: int = MAX_BYTES) -> Adapter:
@@ -104,7 +98,10 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: Any, where: str) -> Ada
         emb = tensors.get(f"emb.{c.get('name')}")
         if emb is None or emb.ndim != 3:
             raise AdapterError(f"{where}: concept {c.get('name')!r} has no layer-wise embeddings")
-        concepts.append(Concept(c["name"], c.get("class_word", ""), emb.float()))
+        concepts.append(Concept(c["name"], c.get("class_word", ""), emb.float(), str(c.get("trigger", ""))))
+        if emb.shape[1] != concepts[-1].n_tokens:
+            raise AdapterError(f"{where}: concept {c['name']!r} has {emb.shape[1]} tokens, expected "
+                               f"{concepts[-1].n_tokens}")
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise AdapterError(f"{where}: tensor {name} holds NaN or Inf")

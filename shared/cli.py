@@ -17,7 +17,8 @@ COMMANDS = {
     "sample": ("mos.shared.cli_sample", "draw images with concepts (and regions)"),
     "fuse": ("mos.server.cli_fuse", "fuse concepts' adapters on one machine"),
     "eval": ("mos.client.cli_eval", "measure fused models"),
-    "export": ("mos.shared.cli_export", "export a fused adapter for other tools"),
+    "export": ("mos.shared.cli_export", "export a fused adapter for diffusers, A1111, ComfyUI"),
+    "import-lora": ("mos.client.import_lora", "turn a plain (kohya / diffusers) LoRA into a concept for fusion"),
 }
 
 

@@ -6,9 +6,12 @@ import argparse
 import json
 
 
-def add_base_options(p: argparse.ArgumentParser) -> None:
+def add_base_options(p: argparse.ArgumentParser, compute: bool = True) -> None:
+    """--base, and unless the command only reads weights on the CPU (compute=False), --device and --dtype."""
     p.add_argument("--base", default="tiny", help="tiny (default), tiny:SEED, sd15-random, a diffusers folder or a "
                    "single-file .safetensors checkpoint")
+    if not compute:
+        return
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: bf16/fp16 on CUDA, fp32 on CPU)")
 

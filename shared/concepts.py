@@ -5,6 +5,9 @@ token has one embedding per UNet cross-attention layer (16 for SD1.5), so a prom
 that layer's embeddings, giving conditioning of shape [batch, layers, 77, dim]; cross-attention layer k reads
 slice k. The base's embedding table is never touched: new tokens get ids past the vocabulary, and a small wrapper
 around the token embedding looks those ids up in the concepts' own tables.
+
+A concept imported from a plain LoRA (`mos import-lora`) has no tokens of its own: its handle stands for its
+trigger words, tokenised as ordinary text (embeddings of shape [layers, 0, dim]).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ N_TOKENS = 2
 class Concept:
     name: str
     class_word: str
-    embeddings: torch.Tensor  # [layers, N_TOKENS, dim]
+    embeddings: torch.Tensor  # [layers, N_TOKENS, dim]; [layers, 0, dim] for a trigger-word concept
+    trigger: str = ""         # set only for a concept imported from a plain LoRA
 
     @property
     def handle(self) -> str:
@@ -31,7 +35,19 @@ class Concept:
 
     @property
     def tokens(self) -> list[str]:
-        return [f"{self.name}_a", f"{self.name}_b"]
+        return [] if self.trigger else [f"{self.name}_a", f"{self.name}_b"]
+
+    @property
+    def n_tokens(self) -> int:
+        return 0 if self.trigger else N_TOKENS
+
+
+def check_trigger(trigger: str) -> str:
+    """A trigger is plain words: no concept handles, no control characters, not empty."""
+    t = " ".join(trigger.split())
+    if not t or HANDLE.search(t) or not t.isprintable() or len(t) > 200:
+        raise ValueError(f"trigger {trigger!r} must be plain printable words (no <handle>), at most 200 characters")
+    return t
 
 
 class UnknownConceptError(ValueError):
@@ -77,27 +93,44 @@ class PromptEncoder:
             text_encoder.embeddings.token_embedding = emb
         self.embedding = emb
         self.classes: dict[str, str] = {}
+        self.triggers: dict[str, str] = {}  # trigger-word concepts: name -> words
+        self.order: list[str] = []          # every concept, in the order added
 
     # --- concepts -----------------------------------------------------------------------------------------
 
     @property
     def names(self) -> list[str]:
-        return list(self.embedding.tables.keys())
+        return list(self.order)
+
+    def table_index(self, name: str) -> int:
+        """Position of a token concept among the embedding tables (what its row ids are made of)."""
+        return list(self.embedding.tables.keys()).index(name)
 
     def add(self, concept: Concept, trainable: bool = False) -> nn.Parameter:
-        if concept.name in self.embedding.tables:
+        if concept.name in self.order:
             raise ValueError(f"concept {concept.name!r} is already loaded")
-        expected = (self.n_layers, N_TOKENS, self.embedding.base.embedding_dim)
+        expected = (self.n_layers, concept.n_tokens, self.embedding.base.embedding_dim)
         if tuple(concept.embeddings.shape) != expected:
             raise ValueError(f"concept {concept.name!r}: embeddings {tuple(concept.embeddings.shape)}, base needs {expected}")
         w = self.embedding.base.weight
         p = nn.Parameter(concept.embeddings.detach().to(w.device, torch.float32).clone(), requires_grad=trainable)
-        self.embedding.tables[concept.name] = p
+        if concept.trigger:
+            self.triggers[concept.name] = check_trigger(concept.trigger)
+        else:
+            self.embedding.tables[concept.name] = p
         self.classes[concept.name] = concept.class_word
+        self.order.append(concept.name)
         return p
 
     def concepts(self) -> list[Concept]:
-        return [Concept(n, self.classes[n], t.detach().float().cpu().clone()) for n, t in self.embedding.tables.items()]
+        dim = self.embedding.base.embedding_dim
+        out = []
+        for n in self.order:
+            if n in self.triggers:
+                out.append(Concept(n, self.classes[n], torch.zeros(self.n_layers, 0, dim), self.triggers[n]))
+            else:
+                out.append(Concept(n, self.classes[n], self.embedding.tables[n].detach().float().cpu().clone()))
+        return out
 
     def init_embeddings(self, class_word: str, generator: torch.Generator, std: float = 0.013) -> torch.Tensor:
         """Token a: random (σ=std); token b: the class word's embedding; the same start in every layer."""
@@ -113,23 +146,39 @@ class PromptEncoder:
 
     def token_ids(self, prompt: str) -> torch.Tensor:
         """[77] ids; concept tokens as placeholders -1 - (concept*N_TOKENS + token), later made layer-wise."""
+        return self._tokenize(prompt)[0]
+
+    def concept_mask(self, prompts: list[str]) -> torch.Tensor:
+        """[batch, 77] True where a concept's tokens (its own, or its trigger words) sit."""
+        return torch.stack([self._tokenize(p)[1] for p in prompts])
+
+    def _tokenize(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         known = self.names
         ids: list[int] = []
+        mask: list[bool] = []
         pos = 0
         for m in HANDLE.finditer(prompt):
-            ids += self.tokenizer(prompt[pos:m.start()], add_special_tokens=False).input_ids
+            text = self.tokenizer(prompt[pos:m.start()], add_special_tokens=False).input_ids
+            ids, mask = ids + text, mask + [False] * len(text)
             name = m.group(1)
             if name not in known:
                 raise UnknownConceptError(f"unknown concept handle <{name}> in prompt {prompt!r}; known: "
                                           + (", ".join(f"<{k}>" for k in known) or "none (no adapter loaded)"))
-            c = known.index(name)
-            ids += [-1 - (c * N_TOKENS + t) for t in range(N_TOKENS)]
+            if name in self.triggers:
+                mine = self.tokenizer(self.triggers[name], add_special_tokens=False).input_ids
+            else:
+                c = self.table_index(name)
+                mine = [-1 - (c * N_TOKENS + t) for t in range(N_TOKENS)]
+            ids, mask = ids + mine, mask + [True] * len(mine)
             pos = m.end()
-        ids += self.tokenizer(prompt[pos:], add_special_tokens=False).input_ids
+        text = self.tokenizer(prompt[pos:], add_special_tokens=False).input_ids
+        ids, mask = ids + text, mask + [False] * len(text)
         n = self.tokenizer.model_max_length
         ids = [self.tokenizer.bos_token_id] + ids[: n - 2] + [self.tokenizer.eos_token_id]
+        mask = [False] + mask[: n - 2] + [False]
         ids += [self.tokenizer.pad_token_id] * (n - len(ids))
-        return torch.tensor(ids)
+        mask += [False] * (n - len(mask))
+        return torch.tensor(ids), torch.tensor(mask)
 
     def layerwise_ids(self, prompts: list[str]) -> torch.Tensor:
         """[batch, layers, 77] ids with each concept token mapped to its row for that layer."""

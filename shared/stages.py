@@ -49,9 +49,8 @@ def kv_stats(model: ConceptModel, concept: str) -> Stats:
     prompts = prompts_for(concept)
     cond = model.encode(prompts)  # [B, L, 77, dim]
     ids = model.prompts.layerwise_ids(prompts)[:, 0]
-    vocab, eos = model.prompts.embedding.vocab, model.base.tokenizer.eos_token_id
-    first_eos = (ids == eos).int().argmax(dim=1)
-    keep = ids >= vocab
+    first_eos = (ids == model.base.tokenizer.eos_token_id).int().argmax(dim=1)
+    keep = model.prompts.concept_mask(prompts)  # its own tokens, or a plain LoRA's trigger words
     keep[torch.arange(len(prompts)), first_eos] = True
     by_layer = dict(zip(cross_attention_layers(model.base.unet), range(cond.shape[1])))
     stats: Stats = {}

@@ -3,32 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .files import save_tensors
 from .stats import Gram, Stats
 
 
 def save_stats(stats: Stats, path: str | Path) -> Path:
     """Write atomically: a reader (or a restarted server) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"gram/{site}": g.gram.to(torch.float64).contiguous() for site, g in stats.items()}
     rows = {site: int(g.rows) for site, g in stats.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"rows": json.dumps(rows, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_tensors(tensors, path, {"rows": json.dumps(rows, sort_keys=True)})
 
 
 def load_stats(path: str | Path) -> Stats | None:

@@ -27,7 +27,7 @@ from safetensors.torch import save as safetensors_save
 
 from ..protos import mos_pb2 as pb
 from .adapter import Adapter
-from .concepts import N_TOKENS, Concept
+from .concepts import N_TOKENS, Concept, check_trigger
 from .lora import Lora
 from .sites import Site, cross_attention_layers, input_sites
 from .stats import Gram, Stats
@@ -36,7 +36,7 @@ PROTOCOL_VERSION = 1
 STYPE = "mos.safetensors"
 DTYPES = {"float32": 4, "float64": 8, "uint8": 1}  # what may travel, and its bytes per element
 GRAM_DTYPE = "float32"   # halves the upload against float64; see docs/protocol.md for what it costs
-MAX_RANK = 64            # per layer in one client's adapter (ED-LoRA uses 4)
+MAX_RANK = 128           # per layer in one client's adapter (ED-LoRA uses 4; community LoRAs up to 128)
 MAX_ROWS = 1 << 40
 MAX_ADAPTER_FILE = 2 << 30
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
@@ -321,7 +321,12 @@ def tensor_digest(tensors: dict[str, torch.Tensor], extra: object = None) -> str
 def adapter_digest(adapter: Adapter) -> str:
     tensors = {f"lora/{l}/{n}": t for l, (B, A) in adapter.lora.items() for n, t in (("A", A), ("B", B))}
     tensors |= {f"emb/{c.name}": c.embeddings for c in adapter.concepts}
-    return tensor_digest(tensors, [adapter.fingerprint, [(c.name, c.class_word) for c in adapter.concepts]])
+    return tensor_digest(tensors, [adapter.fingerprint, [_concept_id(c) for c in adapter.concepts]])
+
+
+def _concept_id(c) -> list[str]:
+    """What names a concept besides its tensors (a trigger only where there is one: older digests stay valid)."""
+    return [c.name, c.class_word, *([c.trigger] if c.trigger else [])]
 
 
 # ------------------------------------------------------------------------------------------------ parts
@@ -362,7 +367,7 @@ def encode_concept(rd: RecordDict, adapter: Adapter, data_digest: str = "", cach
     m = pb.ConceptManifest(name=c.name, class_word=c.class_word, base_fingerprint=adapter.fingerprint,
                            adapter_digest=adapter_digest(adapter), data_digest=data_digest,
                            n_layers=int(c.embeddings.shape[0]), embedding_dim=int(c.embeddings.shape[-1]),
-                           cached=cached, client_version=client_version)
+                           cached=cached, client_version=client_version, trigger=c.trigger)
     if not cached:
         m.lora.extend(_put_lora(tensors, adapter.lora))
         m.embeddings.CopyFrom(_put(tensors, f"emb/{c.name}", c.embeddings))
@@ -387,12 +392,25 @@ def decode_concept(rd: RecordDict, base: BaseManifest, client: str) -> tuple[pb.
         return m, None
     tensors = _tensors(rd, "concept", where, adapter_cap(base))
     lora = _get_lora(tensors, m.lora, base.layer_dims(), where, MAX_RANK)
-    emb = _get(tensors, m.embeddings, f"{where}, embeddings", (base.n_layers, N_TOKENS, base.embedding_dim))
-    adapter = Adapter(m.base_fingerprint, [Concept(m.name, m.class_word, emb.float())],
+    emb = _get(tensors, m.embeddings, f"{where}, embeddings", _emb_shape(base, m.trigger))
+    adapter = Adapter(m.base_fingerprint, [Concept(m.name, m.class_word, emb.float(), _trigger(m.trigger, where))],
                       {k: (B.float(), A.float()) for k, (B, A) in lora.items()})
     if adapter_digest(adapter) != m.adapter_digest:
         raise WireError(f"{where}: adapter digest does not match its tensors")
     return m, adapter
+
+
+def _emb_shape(base: BaseManifest, trigger: str) -> tuple[int, int, int]:
+    return (base.n_layers, 0 if trigger else N_TOKENS, base.embedding_dim)
+
+
+def _trigger(trigger: str, where: str) -> str:
+    if not trigger:
+        return ""
+    try:
+        return check_trigger(trigger)
+    except ValueError as e:
+        raise WireError(f"{where}: {e}") from None
 
 
 def adapter_cap(base: BaseManifest) -> int:
@@ -463,7 +481,7 @@ def encode_fused(stage: int, lora: Lora, concepts: list[Concept], fingerprint: s
     else:
         m.lora.extend(_put_lora(tensors, lora))
         for c in concepts:
-            m.concepts.append(pb.ConceptEntry(name=c.name, class_word=c.class_word,
+            m.concepts.append(pb.ConceptEntry(name=c.name, class_word=c.class_word, trigger=c.trigger,
                                               embeddings=_put(tensors, f"emb/{c.name}", c.embeddings)))
     blob = safetensors_save(tensors)
     m.digest = _digest(blob, m)
@@ -472,7 +490,7 @@ def encode_fused(stage: int, lora: Lora, concepts: list[Concept], fingerprint: s
 
 def _digest(blob: bytes, m: pb.FusedManifest) -> str:
     """What a fused payload is, for the clients' statistics cache and as a check on the way."""
-    head = json.dumps([m.stage, m.base_fingerprint, [(c.name, c.class_word) for c in m.concepts]]).encode()
+    head = json.dumps([m.stage, m.base_fingerprint, [_concept_id(c) for c in m.concepts]]).encode()
     return hashlib.sha256(head + b"\n" + blob).hexdigest()
 
 
@@ -491,7 +509,8 @@ def decode_fused(rd: RecordDict, base: BaseManifest, where: str = "server") -> F
         data = _get(tensors, m.adapter_file, where, dtypes=("uint8",)).numpy().tobytes()
         return Fused(m, {}, [], data)
     lora = _get_lora(tensors, m.lora, base.layer_dims(), where, None)
-    shape = (base.n_layers, N_TOKENS, base.embedding_dim)
-    concepts = [Concept(c.name, c.class_word, _get(tensors, c.embeddings, f"{where}, concept {c.name}", shape).float())
+    concepts = [Concept(c.name, c.class_word,
+                        _get(tensors, c.embeddings, f"{where}, concept {c.name}", _emb_shape(base, c.trigger)).float(),
+                        _trigger(c.trigger, f"{where}, concept {c.name}"))
                 for c in m.concepts]
     return Fused(m, lora, concepts, None)

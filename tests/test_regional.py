@@ -10,7 +10,7 @@ import torch
 
 from mos.shared.concepts import UnknownConceptError
 from mos.shared.model import LayerwiseAttnProcessor
-from mos.shared.regional import RegionalAttnProcessor, RegionPlan, denoise_regional, grid_size, make_plan
+from mos.shared.regional import RegionalAttnProcessor, denoise_regional, grid_size, make_plan
 from mos.shared.regions import LayoutError, Region, cells, check_handles, load_layout, parse_region
 from mos.shared.sampling import denoise, initial_latents
 from mos.shared.sites import cross_attention_layers

@@ -112,6 +112,22 @@ def test_cached_concept_sends_the_manifest_only(manifest, alice):
     assert m.adapter_digest == wire.adapter_digest(alice)
 
 
+def test_trigger_word_concept_travels_up_and_down(tiny_base, manifest):
+    """A concept imported from a plain LoRA (no tokens, trigger words) crosses the wire both ways, checked."""
+    from mos.shared.concepts import Concept
+
+    imp = random_adapter(tiny_base, "sks_toy", "toy", seed=9)
+    imp.concepts = [Concept("sks_toy", "", torch.zeros(16, 0, 32), "sks toy")]
+    m, got = wire.decode_concept(wire.encode_concept(RecordDict(), imp, "d"), manifest, "node 1")
+    assert got.concepts[0].trigger == "sks toy" and got.concepts[0].embeddings.shape == (16, 0, 32)
+    assert wire.adapter_digest(got) == wire.adapter_digest(imp)
+    f = wire.decode_fused(wire.encode_fused(1, {}, imp.concepts, tiny_base.fingerprint, 1), manifest)
+    assert [(c.name, c.trigger) for c in f.concepts] == [("sks_toy", "sks toy")]
+    imp.concepts[0].trigger = "<alice> hides a handle"
+    with pytest.raises(WireError, match="plain printable words"):
+        wire.decode_concept(wire.encode_concept(RecordDict(), imp, "d"), manifest, "node 1")
+
+
 def test_fused_payload_round_trips_and_detects_tampering(tiny_base, manifest, alice):
     lora = {k: v for k, v in alice.lora.items() if k.startswith("text_encoder.")}
     rd = wire.encode_fused(1, lora, alice.concepts, tiny_base.fingerprint, 3)
