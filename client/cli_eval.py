@@ -1,4 +1,5 @@
-"""`mos eval retention fused/ runs/alice runs/bob [--also other_fused/ …] [--json]`."""
+"""`mos eval retention fused/ runs/alice runs/bob [--also other_fused/ …] [--json]`
+`mos eval clip fused/ --clip CLIP_FOLDER --concept data/alice --concept data/bob [--json]`."""
 
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ def register(sub) -> None:
     r.add_argument("--json", action="store_true", help="print {concept: {method: error}}")
     add_base_options(r)
     r.set_defaults(run=run_retention)
+    c = esub.add_parser("clip", help="the paper's CLIP text- and image-alignment, with a local CLIP model folder")
+    c.add_argument("adapter", help="fused (or single-concept) folder or adapter file")
+    c.add_argument("--clip", required=True, help="a local CLIPModel folder (config, weights, tokenizer files)")
+    c.add_argument("--concept", action="append", required=True, metavar="FOLDER",
+                   help="a concept folder: its images are the references (repeat for each concept)")
+    c.add_argument("--prompts", type=int, default=4, help="prompts per concept (the paper: 20)")
+    c.add_argument("--images", type=int, default=2, help="images per prompt (the paper: 50)")
+    c.add_argument("--steps", type=int, default=20, help="sampling steps")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="print {concept: {text_alignment, image_alignment, images}}")
+    add_base_options(c)
+    c.set_defaults(run=run_clip)
 
 
 def label(fused: adapter_io.Adapter, path: str) -> str:
@@ -47,4 +60,30 @@ def run_retention(args) -> int:
     print(f"{'concept':<16}" + "".join(f"{k:>22}" for k in keys))
     for name, row in table.items():
         print(f"{name:<16}" + "".join(f"{row[k]:>22.4f}" for k in keys))
+    return 0
+
+
+def run_clip(args) -> int:
+    from PIL import Image
+
+    from ..shared.base import load_base
+    from .clip_eval import PROMPTS, Clip, evaluate
+    from .data import load_concept
+
+    if not 1 <= args.prompts <= len(PROMPTS) or args.images < 1:
+        raise ValueError(f"--prompts must be 1..{len(PROMPTS)} and --images at least 1")
+    base = load_base(args.base, args.device, args.dtype)
+    adapter = adapter_io.load(args.adapter)
+    clip = Clip(args.clip, base.device)
+    refs = {}
+    for folder in args.concept:
+        data = load_concept(folder, base.resolution)
+        refs[data.name] = [Image.fromarray(it.image.permute(1, 2, 0).numpy()) for it in data.items]
+    table = evaluate(base, adapter, refs, clip, args.prompts, args.images, args.steps, args.seed)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(f"{'concept':<16}{'text-alignment':>16}{'image-alignment':>17}{'images':>8}")
+    for name, row in table.items():
+        print(f"{name:<16}{row['text_alignment']:>16.4f}{row['image_alignment']:>17.4f}{row['images']:>8}")
     return 0

@@ -51,7 +51,7 @@ def concept_retention(base: Base, fused: Adapter, own: Adapter, steps: int = 10,
     base_m = ConceptModel(copy.deepcopy(base))
     cond_own, uncond = own_m.encode(prompts), own_m.encode([""] * len(prompts))
     cond_fused = fused_m.encode(prompts)
-    cond_base = base_m.encode([p.replace(concept.handle, concept.class_word) for p in prompts])
+    cond_base = base_m.encode([p.replace(concept.handle, concept.base_words) for p in prompts])
     num = den = 0.0
     for x, t in _trajectory(own_m, cond_own, uncond, seed, steps, guidance):
         e_own = own_m.predict(x, t, cond_own)

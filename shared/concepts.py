@@ -41,6 +41,11 @@ class Concept:
     def n_tokens(self) -> int:
         return 0 if self.trigger else N_TOKENS
 
+    @property
+    def base_words(self) -> str:
+        """What a model without this concept gets in place of its handle (evaluation baselines)."""
+        return self.class_word or self.trigger
+
 
 def check_trigger(trigger: str) -> str:
     """A trigger is plain words: no concept handles, no control characters, not empty."""
