@@ -34,6 +34,19 @@ def register(sub) -> None:
     c.add_argument("--json", action="store_true", help="print {concept: {text_alignment, image_alignment, images}}")
     add_base_options(c)
     c.set_defaults(run=run_clip)
+    w = esub.add_parser("world", help="the paper's claims in the toy world, read by the judge (ED-LoRA vs LoRA, "
+                        "gradient vs weight fusion, regional vs plain prompts)")
+    w.add_argument("--data", default="data", help="folder with the concept folders (default data/)")
+    w.add_argument("--concepts", nargs="+", default=["alice", "bob", "carol"])
+    w.add_argument("--out", default="mos-out/eval-world", help="where world_eval.json and world_eval.png go")
+    w.add_argument("--work", default=None, help="tuned and fused adapters (default MOS_HOME/eval-world; reused)")
+    w.add_argument("--tune-steps", type=int, default=150)
+    w.add_argument("--images", type=int, default=8, help="pictures per concept and condition")
+    w.add_argument("--steps", type=int, default=20, help="sampling steps")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    w.add_argument("--base", default="world", help="base (default world: the judge knows only that world)")
+    w.set_defaults(run=run_world)
 
 
 def label(fused: adapter_io.Adapter, path: str) -> str:
@@ -86,4 +99,22 @@ def run_clip(args) -> int:
     print(f"{'concept':<16}{'text-alignment':>16}{'image-alignment':>17}{'images':>8}")
     for name, row in table.items():
         print(f"{name:<16}{row['text_alignment']:>16.4f}{row['image_alignment']:>17.4f}{row['images']:>8}")
+    return 0
+
+
+def run_world(args) -> int:
+    from pathlib import Path
+
+    from ..shared.base import mos_home
+    from .world_eval import Settings, evaluate, table, write
+
+    s = Settings(Path(args.data), Path(args.work) if args.work else mos_home() / "eval-world" / args.base.replace(
+        ":", "-"), tuple(args.concepts), args.tune_steps, args.images, args.steps, seed=args.seed)
+    for name in s.concepts:
+        if not (s.data / name).is_dir():
+            raise FileNotFoundError(f"no concept folder {s.data / name}")
+    result = evaluate(s, args.base)
+    write(result, Path(args.out))
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    print(f"wrote {Path(args.out) / 'world_eval.json'} and world_eval.png", flush=True)
     return 0

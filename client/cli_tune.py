@@ -28,6 +28,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
     p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, help="steps between checkpoints "
                    f"(default {CHECKPOINT_EVERY}; 0: none)")
+    p.add_argument("--plain", nargs="?", const="", default=None, metavar="TRIGGER",
+                   help="a plain LoRA instead of ED-LoRA (the paper's baseline): no concept tokens, the handle "
+                   "stands for trigger words (default 'sks CLASS_WORD')")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (large bases)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -39,11 +42,19 @@ def run(args) -> int:
     image_files(args.concept)  # a missing or empty folder is reported before the heavy imports
     from .tune import tune
 
+    trigger = ""
+    if args.plain is not None:
+        from pathlib import Path
+
+        from .data import read_toml
+
+        trigger = args.plain or f"sks {args.class_word or read_toml(Path(args.concept)).get('class_word') or ''}"
     try:
         out = tune(args.concept, args.out, base=args.base, steps=args.steps, rank=args.rank,
                    class_word=args.class_word, resume=args.resume, seed=args.seed, batch_size=args.batch_size,
                    checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
-                   gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)
+                   gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress,
+                   trigger=trigger.strip())
     except FloatingPointError as e:  # diverged: say so in one line, the checkpoint is kept
         print(f"mos tune: error: {e}", file=sys.stderr)
         return 1

@@ -41,6 +41,7 @@ class TuneConfig:
     embedding_norm_stop: float = 0.55
     attention_reg: float = 0.01
     init_std: float = 0.013
+    trigger: str = ""  # plain LoRA: no concept tokens, the handle stands for these words (the paper's LoRA baseline)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,17 +109,22 @@ class Trainer:
 
 def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
                  gradient_checkpointing: bool = False) -> Trainer:
-    """Add the concept (token a random σ=init_std, token b = class word, per layer) and rank-r LoRA to `base`."""
+    """Add the concept (token a random σ=init_std, token b = class word, per layer) and rank-r LoRA to `base`.
+    With config.trigger, a plain LoRA: the concept has no tokens, its handle stands for the trigger words."""
     model = ConceptModel(base)
     g = seeded(config.seed, "init", 0)
-    concept = Concept(name, class_word, model.prompts.init_embeddings(class_word, g, config.init_std))
-    embedding = model.prompts.add(concept, trainable=True)
+    if config.trigger:
+        empty = torch.zeros(model.n_layers, 0, base.text_encoder.config.hidden_size)
+        concept = Concept(name, class_word, empty, trigger=config.trigger)
+    else:
+        concept = Concept(name, class_word, model.prompts.init_embeddings(class_word, g, config.init_std))
+    embedding = model.prompts.add(concept, trainable=not config.trigger)
     layers = lora_target_layers(base.text_encoder, base.unet)
     lora_mod.inject(model.models, {layer: config.rank for layer in layers})
     lora = init_lora(model.models, g)
-    embedding.requires_grad_(True)  # peft's injection freezes every non-LoRA parameter, the concept's rows too
+    embedding.requires_grad_(not config.trigger)  # peft's injection froze every non-LoRA parameter, these rows too
     groups = [
-        {"params": [embedding], "lr": config.lr_embedding, "name": "embedding"},
+        *([] if config.trigger else [{"params": [embedding], "lr": config.lr_embedding, "name": "embedding"}]),
         {"params": [p for layer, ab in lora.items() if layer.startswith("text_encoder.") for p in ab],
          "lr": config.lr_text_encoder, "name": "text_encoder"},
         {"params": [p for layer, ab in lora.items() if layer.startswith("unet.") for p in ab],
@@ -135,7 +141,11 @@ def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
         te.train()  # transformers checkpoints only in train mode; CLIP has no dropout to wake
     sched_cfg = {k: v for k, v in base.scheduler_config.items() if not k.startswith("_")}
     scaler = torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16)
-    return Trainer(model, concept, config, embedding, lora, optimizer, DDPMScheduler.from_config(sched_cfg), scaler)
+    trainer = Trainer(model, concept, config, embedding, lora, optimizer, DDPMScheduler.from_config(sched_cfg),
+                      scaler)
+    if config.trigger:
+        trainer.freeze_embedding(None)  # nothing to tune but the LoRA
+    return trainer
 
 
 def init_lora(models: dict[str, torch.nn.Module], g: torch.Generator
@@ -163,7 +173,13 @@ def token_ids(trainer: Trainer, captions: list[str], layerwise: bool = True) -> 
     positions [B, 2] of the concept's tokens a and b (for the attention regulariser)."""
     prompts = trainer.model.prompts
     handle = trainer.concept.handle
-    ids = prompts.layerwise_ids([c.replace("<TOK>", handle) for c in captions])  # [B, L, n]
+    texts = [c.replace("<TOK>", handle) for c in captions]
+    ids = prompts.layerwise_ids(texts)  # [B, L, n]
+    if trainer.concept.trigger:  # the same ids in every layer; the regulariser watches the first two trigger tokens
+        mask = prompts.concept_mask(texts)
+        first = mask.int().argmax(1)
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+        return (ids if layerwise else ids[:, 0]), torch.stack([first, torch.minimum(first + 1, last)], 1)
     emb = prompts.embedding
     c = prompts.table_index(trainer.concept.name)
     rows = torch.tensor([emb.row(c, 0, 0), emb.row(c, 0, 1)])
@@ -194,13 +210,18 @@ def train_step(trainer: Trainer, batch: Batch, step: int, layerwise: bool = True
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        norm = float(trainer.embedding.norm(dim=-1).mean())
+    norm = embedding_norm(trainer)
     if not trainer.embedding_frozen and norm >= trainer.config.embedding_norm_stop:
         trainer.freeze_embedding(step + 1)  # the reference stops embedding updates here: larger norms drown prompts
     value = float(loss.detach())
     trainer.losses.append(value)
     return StepStats(value, float(mse.detach()), float(reg.detach()), norm, trainer.embedding_frozen)
+
+
+def embedding_norm(trainer: Trainer) -> float:
+    """Mean norm of the concept's token embeddings (0 for a plain LoRA, which has none)."""
+    with torch.no_grad():
+        return float(trainer.embedding.norm(dim=-1).mean()) if trainer.embedding.numel() else 0.0
 
 
 def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = True, use_masks: bool = True

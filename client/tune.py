@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 
 from mos.shared import adapter as adapter_mod
 from mos.shared.base import Base, load_base
+from mos.shared.concepts import check_trigger
 
 from . import checkpoint
 from .data import ConceptData, image_files, load_concept, make_batch
-from .edlora import StepStats, TuneConfig, Trainer, make_trainer, train_step
+from .edlora import StepStats, TuneConfig, Trainer, embedding_norm, make_trainer, train_step
 from .report import plot_loss, sample_grid
 from .tune_settings import CHECKPOINT_EVERY, DEFAULT_PASSES, SAMPLE_STEPS, STEP_CAP
 
@@ -91,22 +92,23 @@ def tune(concept_dir: str | Path, out_dir: str | Path, base: str | Base = "tiny"
          rank: int = 4, class_word: str | None = None, resume: bool = False, seed: int = 0, batch_size: int = 2,
          checkpoint_every: int = CHECKPOINT_EVERY, device: str | None = None, dtype: str | None = None,
          gradient_checkpointing: bool = False, progress: bool = True,
-         on_step: Callable[[int, StepStats], None] | None = None) -> Path:
+         on_step: Callable[[int, StepStats], None] | None = None, trigger: str = "") -> Path:
     """Tune one concept's ED-LoRA (or reuse a matching finished run in `out_dir`); returns `out_dir`.
 
     `base` is a spec (see mos.shared.base) or an already loaded Base, which is then modified in place.
     `on_step(steps_done, stats)` is called after every step (raising from it stops the run, keeping the last
     checkpoint). Bad input (no images, a class word that is not one token, ...) raises ValueError.
+    With `trigger`, a plain LoRA instead (no concept tokens; the handle stands for the trigger words).
     """
     return run_tune(concept_dir, out_dir, base, steps, rank, class_word, resume, seed, batch_size,
-                    checkpoint_every, device, dtype, gradient_checkpointing, progress, on_step).out
+                    checkpoint_every, device, dtype, gradient_checkpointing, progress, on_step, trigger).out
 
 
 def run_tune(concept_dir: str | Path, out_dir: str | Path, base: str | Base = "tiny", steps: int | None = None,
              rank: int = 4, class_word: str | None = None, resume: bool = False, seed: int = 0,
              batch_size: int = 2, checkpoint_every: int = CHECKPOINT_EVERY, device: str | None = None,
              dtype: str | None = None, gradient_checkpointing: bool = False, progress: bool = True,
-             on_step: Callable[[int, StepStats], None] | None = None) -> Tuned:
+             on_step: Callable[[int, StepStats], None] | None = None, trigger: str = "") -> Tuned:
     """`tune()`, also handing back the tuned model in memory (callers that go on using it skip a reload)."""
     if rank < 1 or batch_size < 1 or (steps is not None and steps < 1):
         raise ValueError("rank, batch size and steps must be positive")
@@ -118,7 +120,7 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, base: str | Base = "t
         raise ValueError(f"no class word for {data.folder}: put class_word = \"...\" in concept.toml or pass "
                          "--class-word (one word the base knows, e.g. dog, woman, toy)")
     config = TuneConfig(steps=steps or default_steps(len(data.items), batch_size, base_obj.device), rank=rank,
-                        batch_size=batch_size, seed=seed)
+                        batch_size=batch_size, seed=seed, trigger=check_trigger(trigger) if trigger else "")
     key = {"name": data.name, "class_word": data.class_word, "data_digest": data.digest,
            "base_fingerprint": base_obj.fingerprint, "config": config.as_dict()}
     if cached(out, key):
@@ -182,7 +184,7 @@ def write_outputs(trainer: Trainer, data: ConceptData, out: Path, key: dict, sec
     """adapter, loss.png, samples.png, then concept.json (last: it marks the run finished)."""
     cfg, base, concept = trainer.config, trainer.base, trainer.concept
     layers = sorted(trainer.lora)
-    meta = {"kind": "ed-lora", "rank": cfg.rank, "steps": cfg.steps, "data_digest": data.digest}
+    meta = {"kind": "lora" if cfg.trigger else "ed-lora", "rank": cfg.rank, "steps": cfg.steps, "data_digest": data.digest}
     adapter_mod.save(trainer.model.to_adapter(meta), out)
     plot_loss(trainer.losses, out / "loss.png", trainer.embedding_frozen_at)
     sample_grid(trainer, sample_prompts(trainer, data), out / "samples.png", seed=cfg.seed, steps=SAMPLE_STEPS)
@@ -196,7 +198,7 @@ def write_outputs(trainer: Trainer, data: ConceptData, out: Path, key: dict, sec
         "config": cfg.as_dict(), "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
         "gradient_checkpointing": gradient_checkpointing, "seconds": round(seconds, 1),
         "embedding_frozen_at": trainer.embedding_frozen_at,
-        "embedding_norm": float(trainer.embedding.detach().norm(dim=-1).mean()),
+        "embedding_norm": embedding_norm(trainer), "trigger": concept.trigger,
         "loss": {"first_fifth": mean(trainer.losses[:fifth]), "last_fifth": mean(trainer.losses[-fifth:]),
                  "history": trainer.losses},
         "library_versions": library_versions(), "cache_key": key,

@@ -3,6 +3,8 @@
 A base is named by a spec string:
   tiny           SD1.5 block layout at toy widths, deterministic weights (seed 0), cached on disk
   tiny:SEED      the same architecture with other weights (a *different* base: its fingerprint differs)
+  world          the toy world's base: tiny's layout pretrained on shared/world.py's scenes (weights ship with the
+                 package, shared/world_base/; made by scripts/train_world.py)
   sd15-random    the full SD1.5 architecture with random weights, built in memory (benchmarks)
   PATH           a local diffusers folder (model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/)
   FILE.safetensors  a single-file SD1.x checkpoint, read offline with the embedded SD1.5 configs
@@ -116,8 +118,9 @@ def build_random(configs: dict[str, dict[str, Any]], seed: int) -> tuple[CLIPTex
     return te.eval(), unet.eval(), vae.eval()
 
 
-def _write_folder(folder: Path, configs: dict, seed: int | None) -> None:
-    """Write a diffusers-format SD folder (weights only when `seed` is given) atomically."""
+def _write_folder(folder: Path, configs: dict, seed: int | None, weights: Path | None = None) -> None:
+    """Write a diffusers-format SD folder atomically: weights drawn from `seed`, or read from `weights/<name>
+    .safetensors`, or none (configs only) when neither is given."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
@@ -131,7 +134,11 @@ def _write_folder(folder: Path, configs: dict, seed: int | None) -> None:
                  "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
                  "vae": ["diffusers", "AutoencoderKL"]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        if seed is None:
+        if weights is not None:
+            te, unet, vae = load_weights(configs, weights)
+            for name, m in (("text_encoder", te), ("unet", unet), ("vae", vae)):
+                m.save_pretrained(tmp / name, safe_serialization=True)
+        elif seed is None:
             te = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
             te.config.save_pretrained(tmp / "text_encoder")
             for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
@@ -161,6 +168,40 @@ def tiny_folder(seed: int = 0) -> Path:
     folder = mos_home() / "bases" / f"tiny-v{FORMAT_VERSION}-seed{seed}"
     if not (folder / "model_index.json").is_file():
         _write_folder(folder, architectures.tiny(), seed)
+    return folder
+
+
+WORLD_WEIGHTS = Path(__file__).resolve().parent / "world_base"
+
+
+def load_weights(configs: dict, folder: Path) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """The three models from `folder/<name>.safetensors` (stored fp16, loaded fp32), every tensor required."""
+    from safetensors.torch import load_file
+
+    te = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    unet = UNet2DConditionModel(**configs["unet"])
+    vae = AutoencoderKL(**configs["vae"])
+    for name, m in (("text_encoder", te), ("unet", unet), ("vae", vae)):
+        f = folder / f"{name}.safetensors"
+        if not f.is_file():
+            raise BaseModelError(f"the world base's weights are missing ({f}); make them with "
+                                 "`python scripts/train_world.py` (see docs/world.md)")
+        state = {k: v.float() for k, v in load_file(f).items()}
+        if name == "vae" and (folder / "world.json").is_file():
+            m.register_to_config(scaling_factor=json.loads((folder / "world.json").read_text())["vae_scaling_factor"])
+        m.load_state_dict(state, strict=True)
+    return te.eval(), unet.eval(), vae.eval()
+
+
+def world_folder() -> Path:
+    """The world base as a diffusers folder under MOS_HOME, named by its weights' digest (retraining = new folder)."""
+    h = hashlib.sha256()
+    for name in ("text_encoder", "unet", "vae", "world.json"):
+        f = WORLD_WEIGHTS / (name if name.endswith(".json") else f"{name}.safetensors")
+        h.update(f.read_bytes() if f.is_file() else b"-")
+    folder = mos_home() / "bases" / f"world-v{FORMAT_VERSION}-{h.hexdigest()[:12]}"
+    if not (folder / "model_index.json").is_file():
+        _write_folder(folder, architectures.world(), None, WORLD_WEIGHTS)
     return folder
 
 
@@ -245,11 +286,11 @@ def resolve(spec: str) -> tuple[str, Path | None, int | None]:
         if not seed.isdigit():
             raise BaseModelError(f"bad base spec {spec!r}: use tiny or tiny:SEED")
         return "tiny", None, int(seed)
-    if spec == "sd15-random":
-        return "sd15-random", None, 0
+    if spec in ("sd15-random", "world"):
+        return spec, None, 0
     path = Path(spec).expanduser()
     if not path.exists():
-        raise BaseModelError(f"base {spec!r} is neither tiny, tiny:SEED, sd15-random nor an existing path")
+        raise BaseModelError(f"base {spec!r} is neither tiny, tiny:SEED, world, sd15-random nor an existing path")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise BaseModelError(f"base file {path} is not a .safetensors checkpoint (pickle checkpoints are refused)")
@@ -274,6 +315,8 @@ def load_base(spec: str = "tiny", device: str | None = None, dtype: str | None =
     kind, path, seed = resolve(spec)
     if kind == "tiny":
         tok, te, unet, vae, sched = _load_folder(tiny_folder(seed))
+    elif kind == "world":
+        tok, te, unet, vae, sched = _load_folder(world_folder())
     elif kind == "sd15-random":
         folder = sd15_config_folder()
         tok = load_tokenizer(folder / "tokenizer")

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import DATA, run_cli
+from mos.shared import adapter as adapter_io
 
 STEPS = 100
 
@@ -390,3 +391,17 @@ def test_cli_tune_and_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     bad = run_cli("mos", "tune", "--concept", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), check=False)
     assert bad.returncode == 2 and "holds no images" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plain_lora_mode_tunes_only_lora_and_its_handle_is_the_trigger(tmp_path):
+    """`mos tune --plain`: the paper's LoRA baseline, a trigger-word concept that fusion and sampling accept."""
+    out = tmp_path / "plain"
+    proc = run_cli("mos", "tune", "--concept", str(DATA / "bob"), "--out", str(out), "--steps", "4", "--plain",
+                   "--checkpoint-every", "2")
+    assert proc.returncode == 0
+    ad = adapter_io.load(out)
+    c = ad.concepts[0]
+    assert (c.name, c.trigger, c.tokens, c.embeddings.shape[1]) == ("bob", "sks " + c.class_word, [], 0)
+    assert ad.meta["kind"] == "lora" and all(float(B.abs().sum()) > 0 for B, A in ad.lora.values())
+    info = json.loads((out / "concept.json").read_text())
+    assert info["trigger"] == c.trigger and info["embedding_norm"] == 0.0

@@ -1,0 +1,207 @@
+"""`mos eval world`: the paper's claims measured in the toy world, read by the judge.
+
+1. One concept: ED-LoRA vs plain LoRA (no concept tokens, trigger "sks CLASS") — how often the judge recognises
+   the concept in the box the prompt put it in.
+2. Two and three concepts fused: gradient fusion (staged, one-shot) vs weight fusion — each concept's recognition
+   rate relative to its own single-concept ED-LoRA (1.0 = no identity lost).
+3. Multi-concept pictures from the three-concept gradient-fused model: regional sampling vs the plain prompt —
+   how often every concept is found in its box ("all present"), and, with a concept beside a world object of a
+   named colour, how often that object has its shape and colour in its own box ("binding").
+Everything is seeded; tuned adapters are cached in the work folder, so a second run only samples and judges.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..shared import adapter as adapter_io
+from ..shared import world
+from ..shared.adapter import Adapter
+from ..shared.base import Base
+from ..shared.model import ConceptModel
+from ..shared.regional import sample_regional
+from ..shared.regions import Region
+from .judge import Judge
+
+HALVES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
+PLACES = ("left", "right", "center")
+
+
+@dataclass
+class Settings:
+    data: Path                 # folder holding the concept folders
+    work: Path                 # tuned adapters and fused results are kept here
+    concepts: tuple[str, ...] = ("alice", "bob", "carol")
+    tune_steps: int = 150
+    images: int = 8            # pictures per concept and condition
+    sample_steps: int = 20
+    fusion_steps: int = 10     # sampling steps for stage-3 statistics
+    seed: int = 0
+
+
+def box(position: str) -> tuple[float, float, float, float]:
+    """Where a big object at `position` sits: what the judge looks at."""
+    return world.Thing("circle", "red", "big", position).box()
+
+
+def recognition(base_fn, adapter: Adapter, judge: Judge, name: str, s: Settings) -> float:
+    """Fraction of pictures of `a <name> <place>` in which the judge finds the concept at that place."""
+    model = ConceptModel.from_adapter(base_fn(), adapter)
+    hits = 0
+    for i in range(s.images):
+        place = PLACES[i % len(PLACES)]
+        img = sample_regional(model, f"a <{name}> {world.PLACE[place]}", seed=s.seed + i, steps=s.sample_steps,
+                              progress=False)
+        hits += judge(img, [box(place)])[0]["object"] == name
+    return hits / s.images
+
+
+def tune_all(s: Settings, base_spec: str, plain: bool) -> dict[str, Adapter]:
+    from .tune import tune
+
+    out = {}
+    for name in s.concepts:
+        look = world.CONCEPTS.get(name)
+        trigger = f"sks {look.class_word if look else ''}".strip() if plain else ""
+        folder = tune(s.data / name, s.work / ("lora" if plain else "edlora") / name, base=base_spec,
+                      steps=s.tune_steps, seed=s.seed, progress=False, trigger=trigger)
+        out[name] = adapter_io.load(folder)
+    return out
+
+
+def fused(s: Settings, base_spec: str, owns: list[Adapter], method: str, one_shot: bool) -> Adapter:
+    from ..server.cli_fuse import fuse, write_result
+
+    names = "+".join(a.concepts[0].name for a in owns)
+    folder = s.work / "fused" / f"{names}-{method}{'-one-shot' if one_shot else ''}"
+    if (folder / adapter_io.FILENAME).is_file():
+        return adapter_io.load(folder)
+    result = fuse(owns, base_spec, one_shot=one_shot, method=method, steps=s.fusion_steps, progress=False)
+    write_result(result, folder)
+    return result
+
+
+def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> dict[str, dict[str, float]]:
+    """All-present and binding rates, plain prompt vs regional sampling."""
+    model = ConceptModel.from_adapter(base_fn(), adapter)
+    names = list(s.concepts)
+    pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names))]
+    colours = list(world.COLOURS)
+    out = {}
+    for mode in ("plain", "regional"):
+        present = bound = 0
+        for i in range(s.images):
+            a, b = pairs[i % len(pairs)]
+            left, right = (a, b) if i % 2 == 0 else (b, a)
+            prompt = f"a <{left}> on the left and a <{right}> on the right"
+            regions = [Region(f"a <{left}>", box=HALVES["left"]), Region(f"a <{right}>", box=HALVES["right"])]
+            img = sample_regional(model, prompt, regions=regions if mode == "regional" else (),
+                                  seed=s.seed + 100 + i, steps=s.sample_steps, progress=False)
+            got = judge(img, [box("left"), box("right")])
+            present += got[0]["object"] == left and got[1]["object"] == right
+            shape, colour = world.SHAPES[i % len(world.SHAPES)], colours[i % len(colours)]
+            prompt = f"a <{left}> on the left and a {colour} {shape} on the right"
+            regions = [Region(f"a <{left}>", box=HALVES["left"]), Region(f"a {colour} {shape}", box=HALVES["right"])]
+            img = sample_regional(model, prompt, regions=regions if mode == "regional" else (),
+                                  seed=s.seed + 200 + i, steps=s.sample_steps, progress=False)
+            got = judge(img, [box("left"), box("right")])
+            bound += got[0]["object"] == left and got[1]["object"] == shape and got[1]["colour"] == colour
+        out[mode] = {"all_present": present / s.images, "binding": bound / s.images}
+    return out
+
+
+def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None) -> dict:
+    from ..shared.base import load_base
+
+    judge = judge or Judge()
+    loaded = load_base(base_spec)
+
+    def fresh() -> Base:  # ConceptModel mutates its base: every model gets its own copy
+        import copy
+
+        return copy.deepcopy(loaded)
+
+    steps = tqdm(total=4, desc="eval world", unit="part")
+    ed, plain = tune_all(s, base_spec, plain=False), tune_all(s, base_spec, plain=True)
+    steps.update()
+    single = {n: {"ed-lora": recognition(fresh, ed[n], judge, n, s), "lora": recognition(fresh, plain[n], judge, n, s)}
+              for n in s.concepts}
+    steps.update()
+    fusion = {}
+    for k in (2, 3) if len(s.concepts) >= 3 else (len(s.concepts),):
+        group = list(s.concepts[:k])
+        for label, method, one_shot in (("gradient", "gradient", False), ("gradient one-shot", "gradient", True),
+                                        ("weight", "weight", False)):
+            f = fused(s, base_spec, [ed[n] for n in group], method, one_shot)
+            for n in group:
+                rate = recognition(fresh, f, judge, n, s)
+                own = single[n]["ed-lora"]
+                fusion.setdefault(f"{k} concepts", {}).setdefault(label, {})[n] = {
+                    "rate": rate, "relative": rate / own if own else float("nan")}
+    steps.update()
+    three = fused(s, base_spec, [ed[n] for n in s.concepts], "gradient", False)
+    multi = multi_concept(fresh, three, judge, s)
+    steps.update()
+    steps.close()
+    return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in s.__dict__.items()},
+            "base": base_spec, "base_fingerprint": loaded.fingerprint,
+            "single": single, "fusion": fusion, "multi": multi}
+
+
+def table(r: dict) -> str:
+    lines = ["1. one concept: recognition rate", f"{'concept':<10}{'ED-LoRA':>10}{'LoRA':>10}"]
+    lines += [f"{n:<10}{v['ed-lora']:>10.2f}{v['lora']:>10.2f}" for n, v in r["single"].items()]
+    lines.append("2. fused: recognition rate relative to the concept's own ED-LoRA (rate)")
+    for group, methods in r["fusion"].items():
+        for method, per in methods.items():
+            cells = "  ".join(f"{n} {v['relative']:.2f} ({v['rate']:.2f})" for n, v in per.items())
+            lines.append(f"  {group:<11}{method:<19}{cells}")
+    lines.append("3. multi-concept pictures (3-concept gradient fusion)")
+    lines.append(f"{'':<10}{'all present':>13}{'binding':>10}")
+    lines += [f"{mode:<10}{v['all_present']:>13.2f}{v['binding']:>10.2f}" for mode, v in r["multi"].items()]
+    return "\n".join(lines)
+
+
+def figure(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    names = list(r["single"])
+    x = torch.arange(len(names)).numpy()
+    for j, (key, label) in enumerate((("ed-lora", "ED-LoRA"), ("lora", "LoRA"))):
+        axes[0].bar(x + (j - 0.5) * 0.38, [r["single"][n][key] for n in names], 0.38, label=label)
+    axes[0].set(xticks=x, xticklabels=names, ylim=(0, 1.05), title="one concept: recognised")
+    axes[0].legend(fontsize=8)
+    labels, values = [], []
+    for group, methods in r["fusion"].items():
+        for method, per in methods.items():
+            labels.append(f"{group[0]}: {method}")
+            values.append(sum(v["relative"] for v in per.values()) / len(per))
+    axes[1].barh(labels, values, color="tab:green")
+    axes[1].axvline(0.9, color="grey", ls="--", lw=1)
+    axes[1].set(xlim=(0, 1.2), title="fused: mean rate vs own ED-LoRA")
+    modes = list(r["multi"])
+    xm = torch.arange(2).numpy()
+    for j, mode in enumerate(modes):
+        axes[2].bar(xm + (j - 0.5) * 0.38, [r["multi"][mode]["all_present"], r["multi"][mode]["binding"]], 0.38,
+                    label=mode)
+    axes[2].set(xticks=xm, xticklabels=["all present", "binding"], ylim=(0, 1.05), title="multi-concept pictures")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write(r: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "world_eval.json").write_text(json.dumps(r, indent=1))
+    figure(r, out / "world_eval.png")

@@ -1,0 +1,155 @@
+"""Pretrain the toy world's base (`--base world`) from scratch on the scene generator, on CPU cores.
+
+    python scripts/train_world.py --minutes 60 --out shared/world_base
+
+Phase 1 trains the autoencoder (128-px scenes -> 16x16x4 latents), phase 2 the text encoder and UNet together
+on pre-encoded scenes (epsilon prediction, SD1.x noise schedule, 10% empty captions for guidance, an EMA of the
+UNet). Everything is seeded: the same command on the same torch build gives the same weights. The output folder
+holds fp16 safetensors of the three models and world.json (what was run and what it reached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def images_tensor(imgs) -> torch.Tensor:
+    a = np.stack([np.asarray(im, dtype=np.float32) for im in imgs]) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+
+def train_vae(vae, steps: int, batch: int, rng: random.Random, world) -> list[float]:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    vae.train()
+    for step in tqdm(range(steps), desc="autoencoder", unit="step"):
+        # 64-px crops: the autoencoder is convolutional, and flat shapes look alike at any scale: 4x cheaper steps
+        x = images_tensor([world.render(world.random_scene(rng))[0] for _ in range(batch)])
+        i, j = rng.randrange(0, 65, 8), rng.randrange(0, 65, 8)
+        x = x[:, :, i:i + 64, j:j + 64]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * min(1.0, (step + 1) / 100) * (1 - step / steps) + 1e-5
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    vae.eval()
+    return losses
+
+
+@torch.no_grad()
+def encode_dataset(vae, tokenizer, n: int, seed: int, world) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    rng = random.Random(seed)
+    latents, captions = [], []
+    for _ in tqdm(range(0, n, 64), desc="encode scenes", unit="batch"):
+        scenes = [world.random_scene(rng) for _ in range(64)]
+        latents.append(vae.encode(images_tensor([world.render(s)[0] for s in scenes])).latent_dist.mean)
+        captions += [s.caption for s in scenes]
+    ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
+    return torch.cat(latents)[:n], ids, captions[:n]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="shared/world_base")
+    p.add_argument("--minutes", type=float, default=60.0, help="time for phase 2 (the UNet and text encoder)")
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--scenes", type=int, default=16000, help="pre-encoded scenes for phase 2")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=0, help="stop phase 2 after this many steps (0: time only)")
+    args = p.parse_args()
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mos.shared import architectures, world
+    from mos.shared.base import load_tokenizer, tiny_folder
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    cfg = architectures.world()
+    tokenizer = load_tokenizer(tiny_folder() / "tokenizer")
+    vae = AutoencoderKL(**cfg["vae"])
+    vae_losses = train_vae(vae, args.vae_steps, 16, random.Random(args.seed), world)
+    lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, world)
+    scale = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scale)
+    lat = lat * scale
+    t_vae = time.time() - t0
+
+    te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    unet = UNet2DConditionModel(**cfg["unet"])
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    noise = DDPMScheduler.from_config({"_class_name": "DDPMScheduler", **architectures.SCHEDULER})
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    empty = ids[-1:]
+    losses, step, deadline = [], 0, time.time() + args.minutes * 60
+    bar = tqdm(desc="unet + text encoder", unit="step", total=args.max_steps or None)
+    unet.train(), te.train()
+    while time.time() < deadline and (not args.max_steps or step < args.max_steps):
+        idx = torch.randint(0, len(lat), (args.batch,), generator=g)
+        x0, tok = lat[idx], ids[idx].clone()
+        tok[torch.rand(args.batch, generator=g) < 0.1] = empty  # unconditional rows, for guidance
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise.config.num_train_timesteps, (args.batch,), generator=g)
+        cond = te(tok).last_hidden_state
+        pred = unet(noise.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, eps)
+        frac = (time.time() - deadline + args.minutes * 60) / (args.minutes * 60)
+        if args.max_steps:
+            frac = max(frac, step / args.max_steps)
+        for grp in opt.param_groups:
+            grp["lr"] = args.lr * min(1.0, (step + 1) / 200) * max(0.05, 1.0 - frac)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(0.999, (1 + step) / (10 + step))
+            for k, v in unet.state_dict().items():
+                ema[k].mul_(d).add_(v.detach(), alpha=1 - d) if v.is_floating_point() else ema[k].copy_(v)
+        losses.append(float(loss.detach()))
+        step += 1
+        bar.update()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    bar.close()
+    unet.load_state_dict(ema)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, m in (("unet", unet), ("text_encoder", te), ("vae", vae)):
+        save_file({k: v.detach().half().contiguous() for k, v in m.state_dict().items()},
+                  out / f"{name}.safetensors")
+    report = {"command": "python scripts/train_world.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+              "torch": torch.__version__, "vae_scaling_factor": scale, "vae_seconds": round(t_vae),
+              "vae_loss_last100": float(np.mean(vae_losses[-100:])), "steps": step, "batch": args.batch,
+              "seconds": round(time.time() - t0), "loss_last200": float(np.mean(losses[-200:])),
+              "loss_curve": [float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)]}
+    (out / "world.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "loss_curve"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

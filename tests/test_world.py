@@ -1,0 +1,74 @@
+"""The toy world: scenes are deterministic and captioned truthfully; the `world` base loads from packaged weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mos.shared import base as base_mod
+from mos.shared import world
+
+
+def test_scenes_are_deterministic_and_captions_state_only_true_facts():
+    a = [(s.caption, world.render(s)[0].tobytes()) for s in world.scenes(3, 20)]
+    b = [(s.caption, world.render(s)[0].tobytes()) for s in world.scenes(3, 20)]
+    assert a == b and len({c for c, _ in a}) > 10
+    for s in world.scenes(4, 200):
+        words = s.caption.replace(",", "").split()
+        for t in s.things:
+            assert t.shape in words
+            assert (t.colour in words) == s.said["colour"]
+            assert (t.size in words) == s.said["size"]
+        others = set(world.COLOURS) - {t.colour for t in s.things}
+        assert not others & set(words)  # never a colour that is not there
+        if s.said["background"]:
+            assert f"on a {s.background} background" in s.caption
+
+
+def test_each_object_is_drawn_inside_its_box_in_its_colour():
+    s = world.Scene([world.Thing("square", "red", "big", "left"), world.Thing("circle", "blue", "small", "right")],
+                    "dark")
+    img, masks = world.render(s)
+    px = np.asarray(img).astype(int)
+    for t, m in zip(s.things, masks):
+        m = np.asarray(m) > 200
+        x0, y0, x1, y1 = (int(v * world.SIZE) for v in t.box())
+        ys, xs = np.nonzero(m)
+        assert x0 - 1 <= xs.min() and xs.max() <= x1 + 1 and y0 - 1 <= ys.min() and ys.max() <= y1 + 1
+        assert np.abs(px[m].mean(0) - world.COLOURS[t.colour]).max() < 8
+    assert world.caption(s) == "a square and a circle"
+    s.said = {"colour": True, "size": True, "position": True, "background": True}
+    assert world.caption(s) == ("a big red square on the left and a small blue circle on the right, "
+                                "on a dark background")
+
+
+def test_concept_objects_have_patterns_the_world_has_no_words_for():
+    t = world.Thing("star", "red", "big", "center", pattern="stripes", colour2="white")
+    img, (m,) = world.render(world.Scene([t], "gray"))
+    inside = np.asarray(img)[np.asarray(m) > 200]
+    assert len({tuple(v) for v in inside // 40}) >= 2  # two colours inside the silhouette
+    assert not set(world.PATTERN_SHAPES) & set(world.SHAPES)
+
+
+def test_world_base_loads_from_packaged_weights(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mos.shared import architectures
+    from mos.shared.sites import cross_attention_layers
+
+    cfg = architectures.world()
+    monkeypatch.setattr(base_mod, "WORLD_WEIGHTS", tmp_path)
+    with pytest.raises(base_mod.BaseModelError, match="train_world.py"):
+        base_mod.load_base("world")
+    torch.manual_seed(0)
+    for name, m in (("text_encoder", CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))),
+                    ("unet", UNet2DConditionModel(**cfg["unet"])), ("vae", AutoencoderKL(**cfg["vae"]))):
+        save_file({k: v.half().contiguous() for k, v in m.state_dict().items()}, tmp_path / f"{name}.safetensors")
+    (tmp_path / "world.json").write_text('{"vae_scaling_factor": 2.5}')
+    b = base_mod.load_base("world")
+    assert b.resolution == 128 and b.vae.config.scaling_factor == 2.5
+    assert len(cross_attention_layers(b.unet)) == 16
+    assert base_mod.load_base("world").fingerprint == b.fingerprint != base_mod.load_base("tiny").fingerprint
