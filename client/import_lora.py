@@ -13,12 +13,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from ..shared import adapter as adapter_io
 from ..shared import lora_formats
 from ..shared.cli_base import add_base_options
 from ..shared.concepts import Concept, check_trigger
+from ..shared.files import read_tensors
 from ..shared.wire import MAX_RANK, NAME
 
 MAX_FILE = 2 << 30
@@ -37,16 +36,8 @@ def register(sub) -> None:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no LoRA file at {path}")
-    if path.stat().st_size > MAX_FILE:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes is over the {MAX_FILE}-byte cap")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # not safetensors (a pickled .ckpt/.pt is refused on purpose: no pickle here)
-        raise ValueError(f"{path}: not a readable .safetensors file ({type(e).__name__}); LoRAs in pickle "
-                         "formats (.pt, .ckpt, .bin) are not accepted") from None
+    """The LoRA's tensors; a pickled .pt/.ckpt/.bin is refused (no pickle here)."""
+    return read_tensors(path, MAX_FILE, "LoRA file (pickle formats .pt, .ckpt, .bin are not accepted)")[0]
 
 
 def import_lora(tensors: dict[str, torch.Tensor], base, trigger: str, name: str, attention_only: bool = False,

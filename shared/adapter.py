@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .concepts import Concept
-from .files import save_tensors
+from .files import read_tensors, save_tensors
 from .lora import Lora
 
 FORMAT = "mos-adapter"
@@ -70,14 +69,11 @@ def load(path: str | Path, max_bytes: int = MAX_BYTES) -> Adapter:
     f = adapter_file(path)
     if not f.is_file():
         raise AdapterError(f"no adapter at {path} (expected {FILENAME} in a folder, or the file itself)")
-    if f.stat().st_size > max_bytes:
-        raise AdapterError(f"{f}: {f.stat().st_size} bytes is over the {max_bytes}-byte cap")
+    tensors, header = read_tensors(f, max_bytes, "adapter", AdapterError)
     try:
-        with safe_open(f, framework="pt") as st:
-            meta = json.loads((st.metadata() or {}).get("mos", "null") or "null")
-            tensors = {k: st.get_tensor(k) for k in st.keys()}
-    except Exception as e:
-        raise AdapterError(f"{f}: not a readable safetensors adapter ({type(e).__name__}: {e})") from e
+        meta = json.loads(header.get("mos", "null") or "null")
+    except ValueError:
+        raise AdapterError(f"{f}: its 'mos' metadata is not JSON") from None
     return from_tensors(tensors, meta, str(f))
 
 

@@ -48,7 +48,7 @@ def world() -> dict[str, dict[str, Any]]:
         "unet": dict(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
             block_out_channels=(32, 32, 64, 64), down_block_types=_DOWN, up_block_types=_UP,
-            attention_head_dim=8, cross_attention_dim=64, norm_num_groups=8,
+            attention_head_dim=2, cross_attention_dim=64, norm_num_groups=8,
         ),
         "vae": dict(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32),

@@ -28,7 +28,11 @@ class LoraFormatError(ValueError):
 
 
 def kohya_name(layer: str) -> str:
+    """Text-encoder names carry `text_model_`, as kohya (and A1111, ComfyUI) write them: transformers 4 nested
+    CLIPTextModel's modules under `.text_model`; transformers 5 does not, so our paths lack it."""
     component, _, path = layer.partition(".")
+    if component == "text_encoder" and not path.startswith("text_model."):
+        path = "text_model." + path
     return KOHYA[component] + path.replace(".", "_")
 
 
@@ -82,6 +86,8 @@ def read(tensors: dict[str, torch.Tensor], models: dict[str, torch.nn.Module]) -
     """A plain LoRA (kohya or diffusers keys, any rank, alpha honoured) as our (B, A) per layer of `models`."""
     layers = linear_shapes(models)
     kohya = {kohya_name(layer): layer for layer in layers}
+    kohya |= {"lora_te_" + layer.partition(".")[2].replace(".", "_"): layer  # files written without text_model_
+              for layer in layers if layer.startswith("text_encoder.")}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in tensors.items():
