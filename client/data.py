@@ -208,9 +208,15 @@ def batch_indices(n_items: int, batch_size: int, seed: int, step: int) -> list[i
     return out
 
 
+def mirror_caption(caption: str) -> str:
+    """The caption of the left-right mirrored picture: 'left' and 'right' trade places."""
+    return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
 def random_crop(image: torch.Tensor, mask: torch.Tensor | None, size: int, g: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A random square (CROP_SCALE of the short side's area) resized to size², flipped half the time."""
+                ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """A random square (CROP_SCALE of the short side's area) resized to size², flipped half the time; the last
+    value says whether it was flipped."""
     _, h, w = image.shape
     u = torch.empty(3).uniform_(generator=g).tolist()
     area = CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[0]
@@ -227,7 +233,7 @@ def random_crop(image: torch.Tensor, mask: torch.Tensor | None, size: int, g: to
     if flip:
         out = out.flip(-1)
         m = None if m is None else m.flip(-1)
-    return out, m
+    return out, m, flip
 
 
 @dataclass
@@ -241,12 +247,12 @@ class Batch:
 def make_batch(data: ConceptData, batch_size: int, seed: int, step: int, size: int) -> Batch:
     g = seeded(seed, "crop", step)
     idx = batch_indices(len(data.items), batch_size, seed, step)
-    pixels, masks, has = [], [], []
+    pixels, masks, has, captions = [], [], [], []
     for i in idx:
         it = data.items[i]
-        px, m = random_crop(it.image, it.mask, size, g)
+        px, m, flipped = random_crop(it.image, it.mask, size, g)
         pixels.append(px)
         masks.append(m if m is not None else torch.ones(1, size, size))
         has.append(m is not None)
-    return Batch(torch.stack(pixels), torch.stack(masks), torch.tensor(has),
-                 [data.items[i].caption for i in idx])
+        captions.append(mirror_caption(it.caption) if flipped else it.caption)
+    return Batch(torch.stack(pixels), torch.stack(masks), torch.tensor(has), captions)

@@ -405,3 +405,21 @@ def test_plain_lora_mode_tunes_only_lora_and_its_handle_is_the_trigger(tmp_path)
     assert ad.meta["kind"] == "lora" and all(float(B.abs().sum()) > 0 for B, A in ad.lora.values())
     info = json.loads((out / "concept.json").read_text())
     assert info["trigger"] == c.trigger and info["embedding_norm"] == 0.0
+
+
+def test_flipped_crops_get_mirrored_captions():
+    """Tuning flips images half the time; a caption that says 'left' must then say 'right', or it lies."""
+    from mos.client.data import ConceptData, Item, make_batch, mirror_caption
+
+    assert mirror_caption("a <TOK> on the left and a red square on the right") == \
+        "a <TOK> on the right and a red square on the left"
+    img = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    img[0, :, :32] = 255  # red on the left half only
+    data = ConceptData(Path("."), "x", "toy", [Item("0", img, "a <TOK> on the left", None)], "d")
+    seen = set()
+    for step in range(12):
+        b = make_batch(data, 1, seed=0, step=step, size=64)
+        red_left = float(b.pixels[0, 0, :, :16].mean()) > float(b.pixels[0, 0, :, -16:].mean())
+        assert b.captions[0] == ("a <TOK> on the left" if red_left else "a <TOK> on the right")
+        seen.add(red_left)
+    assert seen == {True, False}
