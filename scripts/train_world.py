@@ -66,7 +66,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="shared/world_base")
     p.add_argument("--minutes", type=float, default=60.0, help="time for phase 2 (the UNet and text encoder)")
-    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--scenes", type=int, default=16000, help="pre-encoded scenes for phase 2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-4)

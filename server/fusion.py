@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from ..shared.adapter import Adapter
+from ..shared.adapter import Adapter, concept_meta
 from ..shared.concepts import Concept
 from ..shared.lora import Lora
 from ..shared.sites import Site
@@ -153,7 +153,7 @@ class Fusion:
                         residuals.setdefault(name, {})[site] = r
         return {
             "method": self.method, "mode": "one-shot" if self.one_shot else "staged", "eps": self.eps, "fingerprint": self.fingerprint,
-            "concepts": [{"name": c.name, "class_word": c.class_word} for c in self.concepts],
+            "concepts": [concept_meta(c) for c in self.concepts],
             "dropped": self.dropped, "timings": self.timings,
             "lambda": {site: sol.lam for st in self.solved.values() for site, sol in st.items()},
             "solve_path": {site: sol.path for st in self.solved.values() for site, sol in st.items()},

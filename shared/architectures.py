@@ -54,6 +54,9 @@ def world() -> dict[str, dict[str, Any]]:
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32),
             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
             layers_per_block=1, norm_num_groups=8, sample_size=128, scaling_factor=1.0,
+            # no attention in the middle: the autoencoder is trained on 64-px crops, and an attention block trained
+            # on 8x8 latents drew artifacts and lost colours at 16x16 (seen in the first training run)
+            mid_block_add_attention=False,
         ),
         "text_encoder": dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
