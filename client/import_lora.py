@@ -54,9 +54,10 @@ def import_lora(tensors: dict[str, torch.Tensor], base, trigger: str, name: str,
     other = sorted(set(lora) - targets)
     total = sum(float((B.double() @ A.double()).square().sum()) for B, A in lora.values())
     dropped = sum(float((lora[k][0].double() @ lora[k][1].double()).square().sum()) for k in other)
+    share = dropped / total if total else 0.0
     if other and not attention_only:
         raise ValueError(f"the LoRA also changes {len(other)} layer(s) that fusion does not cover (e.g. {other[0]}), "
-                         f"{dropped / total:.0%} of its ‖ΔW‖²; pass --attention-only to drop them")
+                         f"{share:.0%} of its ‖ΔW‖²; pass --attention-only to drop them")
     lora = {k: v for k, v in lora.items() if k in targets}
     if not lora:
         raise ValueError("no LoRA on the attention layers that fusion covers: nothing to import")
@@ -68,7 +69,7 @@ def import_lora(tensors: dict[str, torch.Tensor], base, trigger: str, name: str,
     if n_tokens > 20:
         raise ValueError(f"trigger {trigger!r} is {n_tokens} tokens; keep it to a few words")
     emb = torch.zeros(len(cross_attention_layers(base.unet)), 0, base.text_encoder.config.hidden_size)
-    report = {"layers": len(lora), "dropped_layers": len(other), "dropped_fraction": dropped / total if total else 0.0,
+    report = {"layers": len(lora), "dropped_layers": len(other), "dropped_fraction": share,
               "ranks": sorted({int(A.shape[0]) for B, A in lora.values()}), "trigger_tokens": n_tokens}
     adapter = adapter_io.Adapter(base.fingerprint, [Concept(name, "", emb, trigger)], lora,
                                  {**(meta or {}), "imported": report})
