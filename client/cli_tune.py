@@ -47,8 +47,9 @@ def run(args) -> int:
         from pathlib import Path
 
         from .data import read_toml
+        from .edlora import plain_trigger
 
-        trigger = args.plain or f"sks {args.class_word or read_toml(Path(args.concept)).get('class_word') or ''}"
+        trigger = args.plain or plain_trigger(args.class_word or read_toml(Path(args.concept)).get("class_word") or "")
     try:
         out = tune(args.concept, args.out, base=args.base, steps=args.steps, rank=args.rank,
                    class_word=args.class_word, resume=args.resume, seed=args.seed, batch_size=args.batch_size,

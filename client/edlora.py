@@ -107,6 +107,11 @@ class Trainer:
                 self.recorder = None
 
 
+def plain_trigger(class_word: str) -> str:
+    """The plain-LoRA baseline's trigger words: a rare token before the class word, as DreamBooth writes it."""
+    return f"sks {class_word}".strip()
+
+
 def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
                  gradient_checkpointing: bool = False) -> Trainer:
     """Add the concept (token a random σ=init_std, token b = class word, per layer) and rank-r LoRA to `base`.

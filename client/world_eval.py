@@ -61,27 +61,28 @@ def recognition(base_fn, adapter: Adapter, judge: Judge, name: str, s: Settings)
     return hits / s.images
 
 
-def tune_all(s: Settings, base_spec: str, plain: bool) -> dict[str, Adapter]:
+def tune_all(s: Settings, base_fn, plain: bool) -> dict[str, Adapter]:
+    from .edlora import plain_trigger
     from .tune import tune
 
     out = {}
     for name in s.concepts:
         look = world.CONCEPTS.get(name)
-        trigger = f"sks {look.class_word if look else ''}".strip() if plain else ""
-        folder = tune(s.data / name, s.work / ("lora" if plain else "edlora") / name, base=base_spec,
+        trigger = plain_trigger(look.class_word if look else "") if plain else ""
+        folder = tune(s.data / name, s.work / ("lora" if plain else "edlora") / name, base=base_fn(),
                       steps=s.tune_steps, seed=s.seed, progress=False, trigger=trigger)
         out[name] = adapter_io.load(folder)
     return out
 
 
-def fused(s: Settings, base_spec: str, owns: list[Adapter], method: str, one_shot: bool) -> Adapter:
+def fused(s: Settings, base: Base, owns: list[Adapter], method: str, one_shot: bool) -> Adapter:
     from ..server.cli_fuse import fuse, write_result
 
     names = "+".join(a.concepts[0].name for a in owns)
     folder = s.work / "fused" / f"{names}-{method}{'-one-shot' if one_shot else ''}"
     if (folder / adapter_io.FILENAME).is_file():
         return adapter_io.load(folder)
-    result = fuse(owns, base_spec, one_shot=one_shot, method=method, steps=s.fusion_steps, progress=False)
+    result = fuse(owns, base, one_shot=one_shot, method=method, steps=s.fusion_steps, progress=False)
     write_result(result, folder)
     return result
 
@@ -92,24 +93,24 @@ def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> dict[
     names = list(s.concepts)
     pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names))]
     colours = list(world.COLOURS)
+
+    def judged(left: str, right: str, regional: bool, seed: int) -> list[dict]:
+        """A picture of `left` on the left and `right` on the right, and what the judge sees in each half."""
+        regions = [Region(left, box=HALVES["left"]), Region(right, box=HALVES["right"])] if regional else ()
+        img = sample_regional(model, f"{left} on the left and {right} on the right", regions=regions, seed=seed,
+                              steps=s.sample_steps, progress=False)
+        return judge(img, [box("left"), box("right")])
+
     out = {}
     for mode in ("plain", "regional"):
         present = bound = 0
         for i in range(s.images):
             a, b = pairs[i % len(pairs)]
             left, right = (a, b) if i % 2 == 0 else (b, a)
-            prompt = f"a <{left}> on the left and a <{right}> on the right"
-            regions = [Region(f"a <{left}>", box=HALVES["left"]), Region(f"a <{right}>", box=HALVES["right"])]
-            img = sample_regional(model, prompt, regions=regions if mode == "regional" else (),
-                                  seed=s.seed + 100 + i, steps=s.sample_steps, progress=False)
-            got = judge(img, [box("left"), box("right")])
+            got = judged(f"a <{left}>", f"a <{right}>", mode == "regional", s.seed + 100 + i)
             present += got[0]["object"] == left and got[1]["object"] == right
             shape, colour = world.SHAPES[i % len(world.SHAPES)], colours[i % len(colours)]
-            prompt = f"a <{left}> on the left and a {colour} {shape} on the right"
-            regions = [Region(f"a <{left}>", box=HALVES["left"]), Region(f"a {colour} {shape}", box=HALVES["right"])]
-            img = sample_regional(model, prompt, regions=regions if mode == "regional" else (),
-                                  seed=s.seed + 200 + i, steps=s.sample_steps, progress=False)
-            got = judge(img, [box("left"), box("right")])
+            got = judged(f"a <{left}>", f"a {colour} {shape}", mode == "regional", s.seed + 200 + i)
             bound += got[0]["object"] == left and got[1]["object"] == shape and got[1]["colour"] == colour
         out[mode] = {"all_present": present / s.images, "binding": bound / s.images}
     return out
@@ -127,7 +128,7 @@ def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None) 
         return copy.deepcopy(loaded)
 
     steps = tqdm(total=4, desc="eval world", unit="part")
-    ed, plain = tune_all(s, base_spec, plain=False), tune_all(s, base_spec, plain=True)
+    ed, plain = tune_all(s, fresh, plain=False), tune_all(s, fresh, plain=True)
     steps.update()
     single = {n: {"ed-lora": recognition(fresh, ed[n], judge, n, s), "lora": recognition(fresh, plain[n], judge, n, s)}
               for n in s.concepts}
@@ -137,14 +138,14 @@ def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None) 
         group = list(s.concepts[:k])
         for label, method, one_shot in (("gradient", "gradient", False), ("gradient one-shot", "gradient", True),
                                         ("weight", "weight", False)):
-            f = fused(s, base_spec, [ed[n] for n in group], method, one_shot)
+            f = fused(s, loaded, [ed[n] for n in group], method, one_shot)
             for n in group:
                 rate = recognition(fresh, f, judge, n, s)
                 own = single[n]["ed-lora"]
                 fusion.setdefault(f"{k} concepts", {}).setdefault(label, {})[n] = {
                     "rate": rate, "relative": rate / own if own else float("nan")}
     steps.update()
-    three = fused(s, base_spec, [ed[n] for n in s.concepts], "gradient", False)
+    three = fused(s, loaded, [ed[n] for n in s.concepts], "gradient", False)
     multi = multi_concept(fresh, three, judge, s)
     steps.update()
     steps.close()

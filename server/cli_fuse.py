@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..shared import adapter as adapter_io
-from ..shared.base import load_base
+from ..shared.base import Base, load_base
 from ..shared.cli_base import add_base_options
 from ..shared.sites import input_sites
 from .fusion import METHODS, Fusion, run_fusion
@@ -27,10 +27,11 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def fuse(adapters: list[adapter_io.Adapter], base_spec: str = "tiny", one_shot: bool = False,
+def fuse(adapters: list[adapter_io.Adapter], base_spec: str | Base = "tiny", one_shot: bool = False,
          method: str = "gradient", steps: int = 20, eps: float | None = None, device: str | None = None,
          dtype: str | None = None, progress: bool = True) -> adapter_io.Adapter:
-    base = load_base(base_spec, device, dtype)
+    """`base_spec` may be a loaded Base (left unchanged: every stage works on its own copy)."""
+    base = base_spec if isinstance(base_spec, Base) else load_base(base_spec, device, dtype)
     fusion = Fusion(base.fingerprint, input_sites(base.text_encoder, base.unet), method, eps)
     for a in adapters:  # fail before any work on a base mismatch
         if a.fingerprint != base.fingerprint:
