@@ -108,13 +108,16 @@ def run_world(args) -> int:
     from ..shared.base import mos_home
     from .world_eval import Settings, evaluate, table, write
 
-    s = Settings(Path(args.data), Path(args.work) if args.work else mos_home() / "eval-world" / args.base.replace(
-        ":", "-"), tuple(args.concepts), args.tune_steps, args.images, args.steps, seed=args.seed)
+    # the default work folder is per base, tuning length and seed: a retrained base or other settings never meet
+    # adapters tuned for something else
+    work = Path(args.work) if args.work else mos_home() / "eval-world" / "{}-t{}-s{}".format(
+        args.base.replace(":", "-").replace("/", "_"), args.tune_steps, args.seed)
+    s = Settings(Path(args.data), work, tuple(args.concepts), args.tune_steps, args.images, args.steps, seed=args.seed)
     for name in s.concepts:
         if not (s.data / name).is_dir():
             raise FileNotFoundError(f"no concept folder {s.data / name}")
-    result = evaluate(s, args.base)
-    write(result, Path(args.out))
+    result, pictures = evaluate(s, args.base)
+    write(result, pictures, Path(args.out))
     print(json.dumps(result, indent=2) if args.json else table(result))
-    print(f"wrote {Path(args.out) / 'world_eval.json'} and world_eval.png", flush=True)
+    print(f"wrote {Path(args.out) / 'world_eval.json'}, world_eval.png and world_eval_pictures.png", flush=True)
     return 0

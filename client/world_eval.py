@@ -12,6 +12,7 @@ Everything is seeded; tuned adapters are cached in the work folder, so a second 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,13 @@ def fused(s: Settings, base: Base, owns: list[Adapter], method: str, one_shot: b
     from ..server.cli_fuse import fuse, write_result
 
     names = "+".join(a.concepts[0].name for a in owns)
-    folder = s.work / "fused" / f"{names}-{method}{'-one-shot' if one_shot else ''}"
+    # named by what went in, so a retuned concept or another base never meets an old fusion
+    h = hashlib.sha256(base.fingerprint.encode())
+    for a in owns:
+        for layer, (B, A) in sorted(a.lora.items()):
+            h.update(layer.encode() + B.detach().float().cpu().numpy().tobytes() + A.detach().float().cpu().numpy().tobytes())
+        h.update(b"".join(c.embeddings.detach().float().cpu().numpy().tobytes() for c in a.concepts))
+    folder = s.work / "fused" / f"{names}-{method}{'-one-shot' if one_shot else ''}-{h.hexdigest()[:12]}"
     if (folder / adapter_io.FILENAME).is_file():
         return adapter_io.load(folder)
     result = fuse(owns, base, one_shot=one_shot, method=method, steps=s.fusion_steps, progress=False)
@@ -87,8 +94,8 @@ def fused(s: Settings, base: Base, owns: list[Adapter], method: str, one_shot: b
     return result
 
 
-def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> dict[str, dict[str, float]]:
-    """All-present and binding rates, plain prompt vs regional sampling."""
+def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> tuple[dict, dict[str, list]]:
+    """All-present and binding rates, plain prompt vs regional sampling; and the two-concept pictures per mode."""
     model = ConceptModel.from_adapter(base_fn(), adapter)
     names = list(s.concepts)
     pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names))]
@@ -99,9 +106,10 @@ def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> dict[
         regions = [Region(left, box=HALVES["left"]), Region(right, box=HALVES["right"])] if regional else ()
         img = sample_regional(model, f"{left} on the left and {right} on the right", regions=regions, seed=seed,
                               steps=s.sample_steps, progress=False)
+        pictures[mode].append(img)
         return judge(img, [box("left"), box("right")])
 
-    out = {}
+    out, pictures = {}, {"plain": [], "regional": []}
     for mode in ("plain", "regional"):
         present = bound = 0
         for i in range(s.images):
@@ -113,10 +121,11 @@ def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> dict[
             got = judged(f"a <{left}>", f"a {colour} {shape}", mode == "regional", s.seed + 200 + i)
             bound += got[0]["object"] == left and got[1]["object"] == shape and got[1]["colour"] == colour
         out[mode] = {"all_present": present / s.images, "binding": bound / s.images}
-    return out
+    return out, pictures
 
 
-def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None) -> dict:
+def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None) -> tuple[dict, dict[str, list]]:
+    """The three measurements (a JSON-able dict) and the multi-concept pictures, plain and regional."""
     from ..shared.base import load_base
 
     judge = judge or Judge()
@@ -143,15 +152,24 @@ def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None) 
                 rate = recognition(fresh, f, judge, n, s)
                 own = single[n]["ed-lora"]
                 fusion.setdefault(f"{k} concepts", {}).setdefault(label, {})[n] = {
-                    "rate": rate, "relative": rate / own if own else float("nan")}
+                    "rate": rate, "relative": rate / own if own else None}  # None: nothing to keep
     steps.update()
     three = fused(s, loaded, [ed[n] for n in s.concepts], "gradient", False)
-    multi = multi_concept(fresh, three, judge, s)
+    multi, pictures = multi_concept(fresh, three, judge, s)
     steps.update()
     steps.close()
     return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in s.__dict__.items()},
             "base": base_spec, "base_fingerprint": loaded.fingerprint,
-            "single": single, "fusion": fusion, "multi": multi}
+            "single": single, "fusion": fusion, "multi": multi}, pictures
+
+
+def _ratio(x: float | None) -> str:
+    return "  —" if x is None else f"{x:.2f}"
+
+
+def _mean_relative(per: dict) -> float:
+    vals = [v["relative"] for v in per.values() if v["relative"] is not None]
+    return sum(vals) / len(vals) if vals else 0.0
 
 
 def table(r: dict) -> str:
@@ -160,7 +178,7 @@ def table(r: dict) -> str:
     lines.append("2. fused: recognition rate relative to the concept's own ED-LoRA (rate)")
     for group, methods in r["fusion"].items():
         for method, per in methods.items():
-            cells = "  ".join(f"{n} {v['relative']:.2f} ({v['rate']:.2f})" for n, v in per.items())
+            cells = "  ".join(f"{n} {_ratio(v['relative'])} ({v['rate']:.2f})" for n, v in per.items())
             lines.append(f"  {group:<11}{method:<19}{cells}")
     lines.append("3. multi-concept pictures (3-concept gradient fusion)")
     lines.append(f"{'':<10}{'all present':>13}{'binding':>10}")
@@ -187,7 +205,7 @@ def figure(r: dict, path: Path) -> None:
     for group, methods in r["fusion"].items():
         for method, per in methods.items():
             labels.append(f"{group[0]}: {method}")
-            values.append(sum(v["relative"] for v in per.values()) / len(per))
+            values.append(_mean_relative(per))
     axes[1].barh(labels, values, color="tab:green")
     axes[1].axvline(0.9, color="grey", ls="--", lw=1)
     axes[1].set(xlim=(0, 1.2), title="fused: mean rate vs own ED-LoRA")
@@ -202,7 +220,26 @@ def figure(r: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def write(r: dict, out: Path) -> None:
+def strip(pictures: dict[str, list], path: Path, scale: int = 3) -> None:
+    """One row per mode (plain prompt, regional) of the multi-concept pictures, enlarged, halves marked."""
+    from PIL import Image, ImageDraw
+
+    rows = [(mode, ims) for mode, ims in pictures.items() if ims]
+    w, h = rows[0][1][0].size
+    W, H, label = w * scale, h * scale, 70
+    sheet = Image.new("RGB", (label + W * max(len(ims) for _, ims in rows), H * len(rows)), "white")
+    d = ImageDraw.Draw(sheet)
+    for r, (mode, ims) in enumerate(rows):
+        d.text((4, r * H + H // 2 - 6), mode, fill="black")
+        for c, im in enumerate(ims):
+            x, y = label + c * W, r * H
+            sheet.paste(im.resize((W, H), Image.LANCZOS), (x, y))
+            d.line((x + W // 2, y, x + W // 2, y + H - 1), fill=(255, 255, 255), width=1)
+    sheet.save(path)
+
+
+def write(r: dict, pictures: dict[str, list], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "world_eval.json").write_text(json.dumps(r, indent=1))
     figure(r, out / "world_eval.png")
+    strip(pictures, out / "world_eval_pictures.png")

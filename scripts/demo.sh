@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, then one federated round on this machine — a server and two clients
-# (alice, bob) on the embedded tiny base — ending with the fused model and a picture of both concepts together.
-#   STEPS=150 bash scripts/demo.sh      (tuning steps per client; more = better concepts, slower)
+# (alice, bob) on the embedded world base (docs/world.md) — ending with the fused model and a picture of both
+# concepts together, each in its own half.
+#   STEPS=150 BASE=world bash scripts/demo.sh   (tuning steps per client; BASE=tiny: the random toy base, faster)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export TRANSFORMERS_VERBOSITY=error FLWR_TELEMETRY_ENABLED=0 OMP_NUM_THREADS=1
 STEPS=${STEPS:-150}
+BASE=${BASE:-world}
 OUT=mos-out
 rm -rf "$OUT" mos-state          # a fresh round each time (clients keep their tuned adapters in their own cache)
 mkdir -p "$OUT"
@@ -15,11 +17,11 @@ mkdir -p "$OUT"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-mos-server --rounds 1 --out "$OUT/server" --state-dir mos-state/server > "$OUT/server.log" 2>&1 &
+mos-server --rounds 1 --base "$BASE" --out "$OUT/server" --state-dir mos-state/server > "$OUT/server.log" 2>&1 &
 pids+=($!)
-mos-client --concept data/alice --steps "$STEPS" --out "$OUT/alice" > "$OUT/alice.log" 2>&1 &
+mos-client --concept data/alice --base "$BASE" --steps "$STEPS" --out "$OUT/alice" > "$OUT/alice.log" 2>&1 &
 pids+=($!)
-mos-client --concept data/bob --steps "$STEPS" --out "$OUT/bob" > "$OUT/bob.log" 2>&1 &
+mos-client --concept data/bob --base "$BASE" --steps "$STEPS" --out "$OUT/bob" > "$OUT/bob.log" 2>&1 &
 pids+=($!)
 echo "demo: server + alice + bob started (logs in $OUT/*.log); tuning $STEPS steps each, then three fusion stages"
 tail -n 0 -F "$OUT/server.log" &
@@ -33,9 +35,9 @@ if [ "$status" -ne 0 ]; then
   exit 1
 fi
 
-mos sample --adapter "$OUT/server/round-1" --prompt "<alice> and <bob> in a garden" \
-  --region "a photo of <alice>||0,0,0.5,1" --region "a photo of <bob>||0.5,0,1,1" \
-  --seed 1 --out "$OUT/together.png"
+mos sample --base "$BASE" --adapter "$OUT/server/round-1" \
+  --prompt "a <alice> on the left and a <bob> on the right" \
+  --region "a <alice>||0,0,0.5,1" --region "a <bob>||0.5,0,1,1" --seed 1 --out "$OUT/together.png"
 cmp -s "$OUT/server/round-1/adapter.safetensors" "$OUT/alice/adapter.safetensors" \
   && cmp -s "$OUT/server/round-1/adapter.safetensors" "$OUT/bob/adapter.safetensors" \
   || { echo "demo: the parties hold different fused adapters" >&2; exit 1; }

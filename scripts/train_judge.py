@@ -33,9 +33,9 @@ def _overlap(a, b) -> float:
 
 def _degrade(img: Image.Image, rng: random.Random) -> Image.Image:
     if rng.random() < 0.7:
-        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 2.0)))
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2) * world.SIZE / 64))
     if rng.random() < 0.5:
-        s = rng.choice((32, 48, 64))
+        s = int(world.SIZE * rng.choice((0.5, 0.625, 0.75)))
         img = img.resize((s, s), Image.BILINEAR).resize(img.size, Image.BILINEAR)
     return img
 

@@ -69,6 +69,6 @@ def test_world_base_loads_from_packaged_weights(tmp_path, monkeypatch):
         save_file({k: v.half().contiguous() for k, v in m.state_dict().items()}, tmp_path / f"{name}.safetensors")
     (tmp_path / "world.json").write_text('{"vae_scaling_factor": 2.5}')
     b = base_mod.load_base("world")
-    assert b.resolution == 128 and b.vae.config.scaling_factor == 2.5
+    assert b.resolution == 64 and b.vae.config.scaling_factor == 2.5
     assert len(cross_attention_layers(b.unet)) == 16
     assert base_mod.load_base("world").fingerprint == b.fingerprint != base_mod.load_base("tiny").fingerprint

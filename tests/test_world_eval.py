@@ -1,0 +1,93 @@
+"""`mos eval world` end to end on the tiny base (what runs, what is cached, what it writes), and the shipped judge
+and world base doing their jobs on pictures whose answers are known."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import DATA, run_cli
+from mos.client import judge as judge_mod
+from mos.shared import base as base_mod
+from mos.shared import world
+
+
+def random_judge(path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in judge_mod.JudgeNet().state_dict().items()}, path)
+    return judge_mod.Judge(path)
+
+
+def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_path, monkeypatch):
+    from mos.client import tune as tune_mod
+    from mos.client import world_eval as we
+
+    s = we.Settings(DATA, tmp_path / "work", tune_steps=2, images=2, sample_steps=2, fusion_steps=2)
+    judge = random_judge(tmp_path / "judge.safetensors")
+    r, pictures = we.evaluate(s, "tiny", judge)
+    assert set(r["single"]) == {"alice", "bob", "carol"}
+    assert set(r["fusion"]) == {"2 concepts", "3 concepts"}
+    assert set(r["fusion"]["2 concepts"]) == {"gradient", "gradient one-shot", "weight"}
+    assert set(r["fusion"]["3 concepts"]["weight"]) == {"alice", "bob", "carol"}
+    rates = [v for d in r["single"].values() for v in d.values()] + [
+        v[k] for m in r["multi"].values() for k, v in [("all_present", m), ("binding", m)]]
+    assert all(0.0 <= x <= 1.0 for x in rates)
+    assert [len(v) for v in pictures.values()] == [4, 4]  # per mode: images x (concept pair, concept + object)
+
+    # the second run tunes and fuses nothing, and measures the same (everything is seeded)
+    monkeypatch.setattr(tune_mod, "make_trainer", lambda *a, **k: pytest.fail("tuned again"))
+    monkeypatch.setattr("mos.server.cli_fuse.fuse", lambda *a, **k: pytest.fail("fused again"))
+    again, _ = we.evaluate(s, "tiny", judge)
+    assert again == r
+
+    we.write(r, pictures, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "world_eval.json").read_text()) == json.loads(json.dumps(r))
+    for name in ("world_eval.png", "world_eval_pictures.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000
+    assert "all present" in we.table(r) and "gradient one-shot" in we.table(r)
+
+
+def test_eval_world_cli_refuses_missing_concept_folder(tmp_path):
+    proc = run_cli("mos", "eval", "world", "--data", str(tmp_path), "--base", "tiny", check=False)
+    assert proc.returncode != 0 and "no concept folder" in proc.stderr
+
+
+@pytest.mark.skipif(not judge_mod.WEIGHTS.is_file(), reason="judge weights not trained (scripts/train_judge.py)")
+def test_shipped_judge_names_objects_and_concepts_in_clean_renders():
+    judge = judge_mod.Judge()
+    rng = random.Random(123)
+    hits = total = 0
+    for name in world.CONCEPTS:
+        for _ in range(10):
+            scene, _ = world.concept_scene(name, rng)
+            got = judge(world.render(scene)[0], [t.box() for t in scene.things])
+            hits += got[0]["object"] == name
+            total += 1
+    for scene in world.scenes(7, 40):
+        got = judge(world.render(scene)[0], [t.box() for t in scene.things])
+        for t, g in zip(scene.things, got):
+            hits += g["object"] == t.shape and g["colour"] == t.colour
+            total += 1
+    assert hits / total >= 0.9, f"{hits}/{total}"
+
+
+@pytest.mark.skipif(not (base_mod.WORLD_WEIGHTS / "unet.safetensors").is_file(), reason="world base not trained")
+def test_world_base_draws_what_it_is_asked_where_it_is_asked():
+    from mos.shared.model import ConceptModel
+    from mos.shared.regional import sample_regional
+
+    judge = judge_mod.Judge()
+    model = ConceptModel(base_mod.load_base("world"))
+    asks = [("red", "circle", "left"), ("blue", "square", "right"), ("yellow", "triangle", "center"),
+            ("green", "diamond", "left"), ("white", "circle", "right"), ("orange", "square", "center")]
+    right = 0
+    for i, (colour, shape, place) in enumerate(asks):
+        img = sample_regional(model, f"a big {colour} {shape} {world.PLACE[place]}", seed=i, progress=False)
+        got = judge(img, [world.Thing(shape, colour, "big", place).box()])[0]
+        right += got["object"] == shape and got["colour"] == colour
+    assert right >= len(asks) - 1, f"{right}/{len(asks)} pictures judged as asked"
