@@ -83,9 +83,9 @@ def fused(s: Settings, base: Base, owns: list[Adapter], method: str, one_shot: b
     # named by what went in, so a retuned concept or another base never meets an old fusion
     h = hashlib.sha256(base.fingerprint.encode())
     for a in owns:
-        for layer, (B, A) in sorted(a.lora.items()):
-            h.update(layer.encode() + B.detach().float().cpu().numpy().tobytes() + A.detach().float().cpu().numpy().tobytes())
-        h.update(b"".join(c.embeddings.detach().float().cpu().numpy().tobytes() for c in a.concepts))
+        tensors = [t for _, BA in sorted(a.lora.items()) for t in BA] + [c.embeddings for c in a.concepts]
+        for t in tensors:
+            h.update(t.detach().float().cpu().numpy().tobytes())
     folder = s.work / "fused" / f"{names}-{method}{'-one-shot' if one_shot else ''}-{h.hexdigest()[:12]}"
     if (folder / adapter_io.FILENAME).is_file():
         return adapter_io.load(folder)

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, then one federated round on this machine — a server and two clients
-# (alice, bob) on the embedded world base (docs/world.md) — ending with the fused model and a picture of both
-# concepts together, each in its own half.
-#   STEPS=150 BASE=world bash scripts/demo.sh   (tuning steps per client; BASE=tiny: the random toy base, faster)
+# (alice, bob) on the embedded tiny base — ending with the fused model and a picture of both concepts together,
+# each in its own half.
+#   STEPS=150 BASE=tiny bash scripts/demo.sh   (tuning steps per client; BASE=world: the pretrained toy-world base,
+#                                              which draws simple prompts but is not yet good to tune: docs/world.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export TRANSFORMERS_VERBOSITY=error FLWR_TELEMETRY_ENABLED=0 OMP_NUM_THREADS=1
 STEPS=${STEPS:-150}
-BASE=${BASE:-world}
+BASE=${BASE:-tiny}
 OUT=mos-out
 rm -rf "$OUT" mos-state          # a fresh round each time (clients keep their tuned adapters in their own cache)
 mkdir -p "$OUT"

@@ -62,6 +62,16 @@ def train_vae(vae, steps: int, batch: int, rng: random.Random, world, lr: float 
 
 
 @torch.no_grad()
+def make_deterministic(vae) -> None:
+    """Pin the encoder's log-variance to its floor (std e^-15): trained on the mean, its variance head never learned
+    anything, and tuning code that samples the posterior (as SD's tiny-variance autoencoder allows) would add
+    unit noise to every latent."""
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[c:].zero_()
+    vae.quant_conv.bias[c:].fill_(-30.0)
+
+
+@torch.no_grad()
 def encode_dataset(vae, tokenizer, n: int, seed: int, world) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     rng = random.Random(seed)
     latents, captions = [], []
@@ -85,6 +95,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=0, help="stop phase 2 after this many steps (0: time only)")
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--resume", default=None, help="a previous --out: keep its autoencoder, go on training its "
+                   "text encoder and UNet (on freshly drawn scenes when --seed differs)")
     args = p.parse_args()
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -92,23 +105,31 @@ def main() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from mos.shared import architectures, world
-    from mos.shared.base import load_tokenizer, tiny_folder
+    from mos.shared.base import load_tokenizer, load_weights, tiny_folder
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
     cfg = architectures.world()
     tokenizer = load_tokenizer(tiny_folder() / "tokenizer")
-    vae = AutoencoderKL(**cfg["vae"])
-    vae_losses = train_vae(vae, args.vae_steps, 32, random.Random(args.seed), world)
-    lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, world)
-    scale = float(1.0 / lat.std())
-    vae.register_to_config(scaling_factor=scale)
+    if args.resume:
+        te, unet, vae = load_weights(cfg, Path(args.resume))
+        before = json.loads((Path(args.resume) / "world.json").read_text())
+        scale, vae_losses = before["vae_scaling_factor"], []
+        lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, world)
+    else:
+        before = {}
+        vae = AutoencoderKL(**cfg["vae"])
+        vae_losses = train_vae(vae, args.vae_steps, 32, random.Random(args.seed), world)
+        make_deterministic(vae)
+        lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, world)
+        scale = float(1.0 / lat.std())
+        vae.register_to_config(scaling_factor=scale)
+        te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        unet = UNet2DConditionModel(**cfg["unet"])
     lat = lat * scale
     t_vae = time.time() - t0
-
-    te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-    unet = UNet2DConditionModel(**cfg["unet"])
+    te.train(), unet.train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     noise = DDPMScheduler.from_config({"_class_name": "DDPMScheduler", **architectures.SCHEDULER})
     params = list(unet.parameters()) + list(te.parameters())
@@ -137,7 +158,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
-            d = min(0.999, (1 + step) / (10 + step))
+            d = min(args.ema_decay, (1 + step) / (10 + step))
             for k, v in unet.state_dict().items():
                 ema[k].mul_(d).add_(v.detach(), alpha=1 - d) if v.is_floating_point() else ema[k].copy_(v)
         losses.append(float(loss.detach()))
@@ -146,15 +167,18 @@ def main() -> None:
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     bar.close()
+    out = Path(args.out)
+    (out / "raw").mkdir(parents=True, exist_ok=True)  # the last weights before the EMA: to compare by eye
+    save_file({k: v.detach().half().contiguous() for k, v in unet.state_dict().items()},
+              out / "raw" / "unet.safetensors")
     unet.load_state_dict(ema)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, m in (("unet", unet), ("text_encoder", te), ("vae", vae)):
         save_file({k: v.detach().half().contiguous() for k, v in m.state_dict().items()},
                   out / f"{name}.safetensors")
     report = {"command": "python scripts/train_world.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
+              "before": {k: v for k, v in before.items() if k != "loss_curve"},
               "torch": torch.__version__, "vae_scaling_factor": scale, "vae_seconds": round(t_vae),
               "vae_loss_last100": float(np.mean(vae_losses[-100:])), "steps": step, "batch": args.batch,
               "seconds": round(time.time() - t0), "loss_last200": float(np.mean(losses[-200:])),

@@ -74,7 +74,7 @@ def test_outputs_and_concept_json(tuned):
     assert not (tuned.out / "checkpoint.safetensors").exists()  # removed once the run finished
     info = tuned.info
     assert info["name"] == "alice" and info["handle"] == "<alice>" and info["tokens"] == ["alice_a", "alice_b"]
-    assert info["class_word"] == "doll" and info["rank"] == 4 and info["steps"] == STEPS
+    assert info["class_word"] == "diamond" and info["rank"] == 4 and info["steps"] == STEPS
     assert info["base_fingerprint"] == tuned.base.fingerprint and len(info["data_digest"]) == 32
     assert len(info["target_layers"]) == 4 * 4 + 16 * 8 and info["masks"] is True
     assert {"torch", "diffusers", "transformers", "peft"} <= set(info["library_versions"])
@@ -386,7 +386,7 @@ def test_cli_tune_and_bad_input(tmp_path):
                    "--checkpoint-every", "2", "--no-progress")
     assert Path(proc.stdout.strip()) == out
     info = json.loads((out / "concept.json").read_text())
-    assert info["name"] == "bob" and info["class_word"] == "robot" and info["steps"] == 4
+    assert info["name"] == "bob" and info["class_word"] == "circle" and info["steps"] == 4
     assert (out / "adapter.safetensors").is_file() and (out / "samples.png").is_file()
     (tmp_path / "empty").mkdir()
     bad = run_cli("mos", "tune", "--concept", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), check=False)
