@@ -1,8 +1,9 @@
 """Pretrain the toy world's base (`--base world`) from scratch on the scene generator, on CPU cores.
 
-    python scripts/train_world.py --minutes 60 --out shared/world_base
+    python scripts/train_world.py --out /tmp/wb                    # the shipped weights: this, then
+    python scripts/train_world.py --resume /tmp/wb --seed 1 --minutes 32 --lr 4e-4 --out shared/world_base
 
-Phase 1 trains the autoencoder (128-px scenes -> 16x16x4 latents), phase 2 the text encoder and UNet together
+Phase 1 trains the autoencoder (64-px scenes -> 16x16x4 latents), phase 2 the text encoder and UNet together
 on pre-encoded scenes (epsilon prediction, SD1.x noise schedule, 10% empty captions for guidance, an EMA of the
 UNet). Everything is seeded: the same command on the same torch build gives the same weights. The output folder
 holds fp16 safetensors of the three models and world.json (what was run and what it reached).
