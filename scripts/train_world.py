@@ -49,7 +49,7 @@ def train_vae(vae, steps: int, batch: int, rng: random.Random, world, lr: float 
         x = x[:, :, i:i + c, j:j + c]
         post = vae.encode(x).latent_dist
         # the posterior's mean, not a sample: a freshly built encoder's variance is 1, and decoding that much noise
-        # kept reconstructions blurry for thousands of steps; the pipeline encodes with the mean anyway
+        # kept reconstructions blurry for thousands of steps (make_deterministic then pins the unused variance)
         rec = vae.decode(post.mode()).sample
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
         for g in opt.param_groups:
@@ -116,18 +116,17 @@ def main() -> None:
     if args.resume:
         te, unet, vae = load_weights(cfg, Path(args.resume))
         before = json.loads((Path(args.resume) / "world.json").read_text())
-        scale, vae_losses = before["vae_scaling_factor"], []
-        lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, world)
+        vae_losses = []
     else:
         before = {}
         vae = AutoencoderKL(**cfg["vae"])
         vae_losses = train_vae(vae, args.vae_steps, 32, random.Random(args.seed), world)
-        make_deterministic(vae)
-        lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, world)
-        scale = float(1.0 / lat.std())
-        vae.register_to_config(scaling_factor=scale)
         te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
         unet = UNet2DConditionModel(**cfg["unet"])
+    lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, world)
+    scale = before.get("vae_scaling_factor") or float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scale)
+    make_deterministic(vae)  # also for weights made before it existed; a no-op on its own output
     lat = lat * scale
     t_vae = time.time() - t0
     te.train(), unet.train()
