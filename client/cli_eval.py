@@ -46,6 +46,7 @@ def register(sub) -> None:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--json", action="store_true", help="print the JSON instead of the table")
     w.add_argument("--base", default="world", help="base (default world: the judge knows only that world)")
+    w.add_argument("--base-only", action="store_true", help="only part 0, the base alone (no tuning; a minute)")
     w.set_defaults(run=run_world)
 
 
@@ -116,8 +117,9 @@ def run_world(args) -> int:
     for name in s.concepts:
         if not (s.data / name).is_dir():
             raise FileNotFoundError(f"no concept folder {s.data / name}")
-    result, pictures = evaluate(s, args.base)
+    result, pictures = evaluate(s, args.base, base_only=args.base_only)
     write(result, pictures, Path(args.out))
     print(json.dumps(result, indent=2) if args.json else table(result))
-    print(f"wrote {Path(args.out) / 'world_eval.json'}, world_eval.png and world_eval_pictures.png", flush=True)
+    figures = "" if args.base_only else ", world_eval.png and world_eval_pictures.png"
+    print(f"wrote {Path(args.out) / 'world_eval.json'}{figures}", flush=True)
     return 0

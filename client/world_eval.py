@@ -1,5 +1,7 @@
 """`mos eval world`: the paper's claims measured in the toy world, read by the judge.
 
+0. The base alone: does it draw the shape, colour and place a prompt names, and do two named objects keep their
+   own colours (binding), plain prompt vs regional sampling? (`--base-only` stops here: no tuning, a minute.)
 1. One concept: ED-LoRA vs plain LoRA (no concept tokens, trigger "sks CLASS") — how often the judge recognises
    the concept in the box the prompt put it in.
 2. Two and three concepts fused: gradient fusion (staged, one-shot) vs weight fusion — each concept's recognition
@@ -94,38 +96,76 @@ def fused(s: Settings, base: Base, owns: list[Adapter], method: str, one_shot: b
     return result
 
 
+def pair(model: ConceptModel, judge: Judge, left: str, right: str, regional: bool, seed: int, s: Settings
+         ) -> tuple[object, list[dict]]:
+    """A picture of `left` on the left and `right` on the right (regional: each phrase in its half), and what the
+    judge sees in each half."""
+    regions = [Region(left, box=HALVES["left"]), Region(right, box=HALVES["right"])] if regional else ()
+    img = sample_regional(model, f"{left} on the left and {right} on the right", regions=regions, seed=seed,
+                          steps=s.sample_steps, progress=False)
+    return img, judge(img, [box("left"), box("right")])
+
+
+def prompt_following(model: ConceptModel, judge: Judge, s: Settings) -> float:
+    """How often one object comes out with the shape, colour and place its prompt names."""
+    colours, places = list(world.COLOURS), list(world.POSITIONS)
+    said = {"colour": True, "size": False, "position": True, "background": False}
+    hits = 0
+    for i in range(s.images):
+        thing = world.Thing(world.SHAPES[i % len(world.SHAPES)], colours[(3 * i) % len(colours)], "big",
+                            places[i % len(places)])
+        img = sample_regional(model, world.caption(world.Scene([thing], "gray", said=said)), seed=s.seed + 300 + i,
+                              steps=s.sample_steps, progress=False)
+        got = judge(img, [thing.box()])[0]
+        hits += got["object"] == thing.shape and got["colour"] == thing.colour
+    return hits / s.images
+
+
+def object_binding(model: ConceptModel, judge: Judge, s: Settings, regional: bool) -> float:
+    """How often two named objects both keep their shape and colour, each in its own half."""
+    colours, hits = list(world.COLOURS), 0
+    for i in range(s.images):
+        objects = [(colours[(2 * i + k) % len(colours)], world.SHAPES[(i + 1 + 2 * k) % len(world.SHAPES)])
+                   for k in (0, 1)]
+        _, got = pair(model, judge, *(f"a {c} {sh}" for c, sh in objects), regional, s.seed + 400 + i, s)
+        hits += all(g["object"] == sh and g["colour"] == c for g, (c, sh) in zip(got, objects))
+    return hits / s.images
+
+
+def base_rates(base: Base, judge: Judge, s: Settings) -> dict:
+    """Part 0, the base alone before any concept: prompt following, and two-object binding plain vs regional."""
+    model = ConceptModel(base)
+    return {"prompt_following": prompt_following(model, judge, s),
+            "binding": {mode: object_binding(model, judge, s, mode == "regional") for mode in ("plain", "regional")}}
+
+
 def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> tuple[dict, dict[str, list]]:
     """All-present and binding rates, plain prompt vs regional sampling; and the two-concept pictures per mode."""
     model = ConceptModel.from_adapter(base_fn(), adapter)
     names = list(s.concepts)
     pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names))]
     colours = list(world.COLOURS)
-
-    def judged(left: str, right: str, regional: bool, seed: int) -> list[dict]:
-        """A picture of `left` on the left and `right` on the right, and what the judge sees in each half."""
-        regions = [Region(left, box=HALVES["left"]), Region(right, box=HALVES["right"])] if regional else ()
-        img = sample_regional(model, f"{left} on the left and {right} on the right", regions=regions, seed=seed,
-                              steps=s.sample_steps, progress=False)
-        pictures[mode].append(img)
-        return judge(img, [box("left"), box("right")])
-
     out, pictures = {}, {"plain": [], "regional": []}
     for mode in ("plain", "regional"):
         present = bound = 0
         for i in range(s.images):
             a, b = pairs[i % len(pairs)]
             left, right = (a, b) if i % 2 == 0 else (b, a)
-            got = judged(f"a <{left}>", f"a <{right}>", mode == "regional", s.seed + 100 + i)
+            img, got = pair(model, judge, f"a <{left}>", f"a <{right}>", mode == "regional", s.seed + 100 + i, s)
+            pictures[mode].append(img)
             present += got[0]["object"] == left and got[1]["object"] == right
             shape, colour = world.SHAPES[i % len(world.SHAPES)], colours[i % len(colours)]
-            got = judged(f"a <{left}>", f"a {colour} {shape}", mode == "regional", s.seed + 200 + i)
+            img, got = pair(model, judge, f"a <{left}>", f"a {colour} {shape}", mode == "regional",
+                            s.seed + 200 + i, s)
+            pictures[mode].append(img)
             bound += got[0]["object"] == left and got[1]["object"] == shape and got[1]["colour"] == colour
         out[mode] = {"all_present": present / s.images, "binding": bound / s.images}
     return out, pictures
 
 
-def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None) -> tuple[dict, dict[str, list]]:
-    """The three measurements (a JSON-able dict) and the multi-concept pictures, plain and regional."""
+def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None, base_only: bool = False
+             ) -> tuple[dict, dict[str, list]]:
+    """The measurements (a JSON-able dict) and the multi-concept pictures, plain and regional."""
     from ..shared.base import load_base
 
     judge = judge or Judge()
@@ -136,6 +176,10 @@ def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None) 
 
         return copy.deepcopy(loaded)
 
+    head = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in s.__dict__.items()},
+            "base": base_spec, "base_fingerprint": loaded.fingerprint, "base_alone": base_rates(fresh(), judge, s)}
+    if base_only:
+        return head, {}
     steps = tqdm(total=4, desc="eval world", unit="part")
     ed, plain = tune_all(s, fresh, plain=False), tune_all(s, fresh, plain=True)
     steps.update()
@@ -158,9 +202,7 @@ def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None) 
     multi, pictures = multi_concept(fresh, three, judge, s)
     steps.update()
     steps.close()
-    return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in s.__dict__.items()},
-            "base": base_spec, "base_fingerprint": loaded.fingerprint,
-            "single": single, "fusion": fusion, "multi": multi}, pictures
+    return {**head, "single": single, "fusion": fusion, "multi": multi}, pictures
 
 
 def _ratio(x: float | None) -> str:
@@ -173,7 +215,12 @@ def _mean_relative(per: dict) -> float:
 
 
 def table(r: dict) -> str:
-    lines = ["1. one concept: recognition rate", f"{'concept':<10}{'ED-LoRA':>10}{'LoRA':>10}"]
+    b = r["base_alone"]
+    lines = [f"0. the base alone: prompt following {b['prompt_following']:.2f}; two objects bound: "
+             f"plain prompt {b['binding']['plain']:.2f}, regional {b['binding']['regional']:.2f}"]
+    if "single" not in r:
+        return "\n".join(lines)
+    lines += ["1. one concept: recognition rate", f"{'concept':<10}{'ED-LoRA':>10}{'LoRA':>10}"]
     lines += [f"{n:<10}{v['ed-lora']:>10.2f}{v['lora']:>10.2f}" for n, v in r["single"].items()]
     lines.append("2. fused: recognition rate relative to the concept's own ED-LoRA (rate)")
     for group, methods in r["fusion"].items():
@@ -241,5 +288,7 @@ def strip(pictures: dict[str, list], path: Path, scale: int = 3) -> None:
 def write(r: dict, pictures: dict[str, list], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "world_eval.json").write_text(json.dumps(r, indent=1))
+    if "single" not in r:  # --base-only: nothing to draw
+        return
     figure(r, out / "world_eval.png")
     strip(pictures, out / "world_eval_pictures.png")

@@ -1,18 +1,28 @@
-"""Pretrain the toy world's base (`--base world`) from scratch on the scene generator, on CPU cores.
+"""Pretrain the toy world's base (`--base world`) from scratch on the scene generator, on CPU cores or a GPU.
 
-    python scripts/train_world.py --out /tmp/wb                    # the shipped weights: this, then
-    python scripts/train_world.py --resume /tmp/wb --seed 1 --minutes 32 --lr 4e-4 --out shared/world_base
+    python scripts/train_world.py --out /tmp/wb                    # 2 CPU cores, ~60 min: a usable base, weak
+    python scripts/train_world.py --resume /tmp/wb --seed 1 --minutes 32 --lr 4e-4 --out /tmp/wb2
+
+The shipped weights went on from those two CPU runs on one H100 (11 minutes of training in all):
+
+    python scripts/train_world.py --resume /tmp/wb2 --device cuda --workers 14 --threads 4 --scenes 150000 \
+        --batch 256 --lr 8e-4 --ema-decay 0.999 --seed 2 --minutes 8 --total-minutes 8.2 --out /tmp/wb3
+    python scripts/train_world.py --resume /tmp/wb3 --device cuda --workers 14 --threads 4 --scenes 60000 \
+        --batch 256 --lr 3e-4 --ema-decay 0.998 --seed 3 --minutes 2.6 --total-minutes 3.0 --out shared/world_base
 
 Phase 1 trains the autoencoder (64-px scenes -> 16x16x4 latents), phase 2 the text encoder and UNet together
 on pre-encoded scenes (epsilon prediction, SD1.x noise schedule, 10% empty captions for guidance, an EMA of the
-UNet). Everything is seeded: the same command on the same torch build gives the same weights. The output folder
-holds fp16 safetensors of the three models and world.json (what was run and what it reached).
+UNet). Everything is seeded: the same command on the same torch build and device gives the same scenes and, on a
+CPU, the same weights. The output folder holds fp16 safetensors of the three models and world.json (what was run
+and what it reached, with the runs it resumed from under "before").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import random
 import time
 from pathlib import Path
@@ -72,17 +82,34 @@ def make_deterministic(vae) -> None:
     vae.quant_conv.bias[c:].fill_(-30.0)
 
 
+CHUNK = 256  # scenes drawn from one seeded generator: the data does not depend on the number of workers
+
+
+def render_chunk(job: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    from mos.shared import world
+    seed, chunk, n = job
+    rng = random.Random(seed * 1_000_003 + chunk)
+    scenes = [world.random_scene(rng) for _ in range(n)]
+    return np.stack([np.asarray(world.render(s)[0]) for s in scenes]), [s.caption for s in scenes]
+
+
+def render_scenes(n: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
+    """n captioned scenes as uint8 [n, H, W, 3], rendered by `workers` processes (PIL drawing holds the GIL)."""
+    jobs = [(seed, c, min(CHUNK, n - c * CHUNK)) for c in range((n + CHUNK - 1) // CHUNK)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        parts = list(tqdm(pool.imap(render_chunk, jobs), total=len(jobs), desc="render scenes", unit="chunk"))
+    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
+
+
 @torch.no_grad()
-def encode_dataset(vae, tokenizer, n: int, seed: int, world) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    rng = random.Random(seed)
-    latents, captions = [], []
-    for _ in tqdm(range(0, n, 64), desc="encode scenes", unit="batch"):
-        scenes = [world.random_scene(rng) for _ in range(64)]
-        latents.append(vae.encode(images_tensor([world.render(s)[0] for s in scenes])).latent_dist.mean)
-        captions += [s.caption for s in scenes]
+def encode_dataset(vae, tokenizer, n: int, seed: int, workers: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    pixels, captions = render_scenes(n, seed, workers)
+    latents = [vae.encode(images_tensor(pixels[i:i + 256]).to(device)).latent_dist.mean
+               for i in tqdm(range(0, n, 256), desc="encode scenes", unit="batch")]
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
                     return_tensors="pt").input_ids
-    return torch.cat(latents)[:n], ids, captions[:n]
+    return torch.cat(latents), ids.to(device), captions
 
 
 def main() -> None:
@@ -95,6 +122,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="processes that render scenes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
+    p.add_argument("--total-minutes", type=float, default=0.0,
+                   help="end phase 2 this long after the start, however long phase 1 took (0: no cap)")
     p.add_argument("--max-steps", type=int, default=0, help="stop phase 2 after this many steps (0: time only)")
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--resume", default=None, help="a previous --out: keep its autoencoder, go on training its "
@@ -123,7 +154,9 @@ def main() -> None:
         vae_losses = train_vae(vae, args.vae_steps, 32, random.Random(args.seed), world)
         te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
         unet = UNet2DConditionModel(**cfg["unet"])
-    lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, world)
+    dev = torch.device(args.device)
+    vae, te, unet = vae.to(dev), te.to(dev), unet.to(dev)
+    lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, args.workers, dev)
     scale = before.get("vae_scaling_factor") or float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scale)
     make_deterministic(vae)  # also for weights made before it existed; a no-op on its own output
@@ -136,19 +169,26 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed + 2)
     empty = ids[-1:]
-    losses, step, deadline = [], 0, time.time() + args.minutes * 60
+    deadline = time.time() + args.minutes * 60
+    if args.total_minutes:
+        deadline = min(deadline, t0 + args.total_minutes * 60)
+    span = deadline - time.time()
+    losses, step = [], 0
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
+    floats = [k for k, v in unet.state_dict().items() if v.is_floating_point()]
     bar = tqdm(desc="unet + text encoder", unit="step", total=args.max_steps or None)
     unet.train(), te.train()
     while time.time() < deadline and (not args.max_steps or step < args.max_steps):
-        idx = torch.randint(0, len(lat), (args.batch,), generator=g)
+        idx = torch.randint(0, len(lat), (args.batch,), generator=g).to(dev)
         x0, tok = lat[idx], ids[idx].clone()
-        tok[torch.rand(args.batch, generator=g) < 0.1] = empty  # unconditional rows, for guidance
-        eps = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise.config.num_train_timesteps, (args.batch,), generator=g)
-        cond = te(tok).last_hidden_state
-        pred = unet(noise.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, eps)
-        frac = (time.time() - deadline + args.minutes * 60) / (args.minutes * 60)
+        tok[(torch.rand(args.batch, generator=g) < 0.1).to(dev)] = empty  # unconditional rows, for guidance
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        t = torch.randint(0, noise.config.num_train_timesteps, (args.batch,), generator=g).to(dev)
+        with autocast:
+            cond = te(tok).last_hidden_state
+            pred = unet(noise.add_noise(x0, eps, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred.float(), eps)
+        frac = 1.0 - (deadline - time.time()) / span
         if args.max_steps:
             frac = max(frac, step / args.max_steps)
         for grp in opt.param_groups:
@@ -159,28 +199,31 @@ def main() -> None:
         opt.step()
         with torch.no_grad():
             d = min(args.ema_decay, (1 + step) / (10 + step))
-            for k, v in unet.state_dict().items():
-                ema[k].mul_(d).add_(v.detach(), alpha=1 - d) if v.is_floating_point() else ema[k].copy_(v)
-        losses.append(float(loss.detach()))
+            sd = unet.state_dict()
+            torch._foreach_lerp_([ema[k] for k in floats], [sd[k].detach() for k in floats], 1 - d)
+        losses.append(loss.detach())
         step += 1
         bar.update()
         if step % 50 == 0:
+            losses[-50:] = [float(x) for x in losses[-50:]]  # one device sync per 50 steps
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    losses = [float(x) for x in losses]
     bar.close()
     out = Path(args.out)
     (out / "raw").mkdir(parents=True, exist_ok=True)  # the last weights before the EMA: to compare by eye
-    save_file({k: v.detach().half().contiguous() for k, v in unet.state_dict().items()},
+    save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()},
               out / "raw" / "unet.safetensors")
     unet.load_state_dict(ema)
 
     for name, m in (("unet", unet), ("text_encoder", te), ("vae", vae)):
-        save_file({k: v.detach().half().contiguous() for k, v in m.state_dict().items()},
+        save_file({k: v.detach().half().cpu().contiguous() for k, v in m.state_dict().items()},
                   out / f"{name}.safetensors")
     report = {"command": "python scripts/train_world.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
               "before": {k: v for k, v in before.items() if k != "loss_curve"},
               "torch": torch.__version__, "vae_scaling_factor": scale, "vae_seconds": round(t_vae),
-              "vae_loss_last100": float(np.mean(vae_losses[-100:])), "steps": step, "batch": args.batch,
+              "vae_loss_last100": float(np.mean(vae_losses[-100:])) if vae_losses else None,
+              "steps": step, "batch": args.batch,
               "seconds": round(time.time() - t0), "loss_last200": float(np.mean(losses[-200:])),
               "loss_curve": [float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)]}
     (out / "world.json").write_text(json.dumps(report, indent=1))

@@ -72,3 +72,20 @@ def test_world_base_loads_from_packaged_weights(tmp_path, monkeypatch):
     assert b.resolution == 64 and b.vae.config.scaling_factor == 2.5
     assert len(cross_attention_layers(b.unet)) == 16
     assert base_mod.load_base("world").fingerprint == b.fingerprint != base_mod.load_base("tiny").fingerprint
+
+
+def test_train_world_scenes_do_not_depend_on_the_number_of_render_workers(monkeypatch):
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("train_world", REPO / "scripts" / "train_world.py")
+    tw = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_world", tw)  # the render workers look its function up by module name
+    spec.loader.exec_module(tw)
+    one, caps1 = tw.render_scenes(tw.CHUNK + 40, seed=3, workers=1)
+    two, caps2 = tw.render_scenes(tw.CHUNK + 40, seed=3, workers=2)
+    assert one.shape == (tw.CHUNK + 40, world.SIZE, world.SIZE, 3) and one.dtype == np.uint8
+    assert caps1 == caps2 and np.array_equal(one, two)
+    assert len(set(caps1)) > 50  # and they are many different scenes, not one repeated
