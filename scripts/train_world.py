@@ -85,26 +85,26 @@ def make_deterministic(vae) -> None:
 CHUNK = 256  # scenes drawn from one seeded generator: the data does not depend on the number of workers
 
 
-def render_chunk(job: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+def render_chunk(job: tuple[int, int, int, float]) -> tuple[np.ndarray, list[str]]:
     from mos.shared import world
-    seed, chunk, n = job
+    seed, chunk, n, patterned = job
     rng = random.Random(seed * 1_000_003 + chunk)
-    scenes = [world.random_scene(rng) for _ in range(n)]
+    scenes = [world.random_scene(rng, patterned=patterned) for _ in range(n)]
     return np.stack([np.asarray(world.render(s)[0]) for s in scenes]), [s.caption for s in scenes]
 
 
-def render_scenes(n: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
+def render_scenes(n: int, seed: int, workers: int, patterned: float = 0.0) -> tuple[np.ndarray, list[str]]:
     """n captioned scenes as uint8 [n, H, W, 3], rendered by `workers` processes (PIL drawing holds the GIL)."""
-    jobs = [(seed, c, min(CHUNK, n - c * CHUNK)) for c in range((n + CHUNK - 1) // CHUNK)]
+    jobs = [(seed, c, min(CHUNK, n - c * CHUNK), patterned) for c in range((n + CHUNK - 1) // CHUNK)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = list(tqdm(pool.imap(render_chunk, jobs), total=len(jobs), desc="render scenes", unit="chunk"))
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
 @torch.no_grad()
-def encode_dataset(vae, tokenizer, n: int, seed: int, workers: int, device: torch.device
+def encode_dataset(vae, tokenizer, n: int, seed: int, workers: int, device: torch.device, patterned: float = 0.0
                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    pixels, captions = render_scenes(n, seed, workers)
+    pixels, captions = render_scenes(n, seed, workers, patterned)
     latents = [vae.encode(images_tensor(pixels[i:i + 256]).to(device)).latent_dist.mean
                for i in tqdm(range(0, n, 256), desc="encode scenes", unit="batch")]
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
@@ -123,6 +123,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="processes that render scenes")
+    p.add_argument("--patterned", type=float, default=0.0,
+                   help="chance that a world object is striped, checked or dotted (said in its caption)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     p.add_argument("--total-minutes", type=float, default=0.0,
                    help="end phase 2 this long after the start, however long phase 1 took (0: no cap)")
@@ -156,7 +158,8 @@ def main() -> None:
         unet = UNet2DConditionModel(**cfg["unet"])
     dev = torch.device(args.device)
     vae, te, unet = vae.to(dev), te.to(dev), unet.to(dev)
-    lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, args.workers, dev)
+    lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, args.workers, dev,
+                                        args.patterned)
     scale = before.get("vae_scaling_factor") or float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scale)
     make_deterministic(vae)  # also for weights made before it existed; a no-op on its own output

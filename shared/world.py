@@ -30,7 +30,8 @@ PLACE = {"left": "on the left", "right": "on the right", "top": "at the top", "b
 BACKGROUNDS = {"gray": (128, 128, 128), "dark": (30, 30, 40), "light": (215, 215, 205)}
 PAIRS = (("left", "right"), ("top", "bottom"))
 
-# Made-up objects for the demo concepts: a shape and a pattern the world's words never name.
+# Made-up objects for the demo concepts: shapes the world's words never name, each with its own pattern and colour
+# pair (world objects may be patterned too, with `random_scene(patterned=…)`, the pattern said in the caption).
 PATTERN_SHAPES = ("star", "ring", "heart")
 PATTERNS = ("stripes", "checks", "dots")
 
@@ -155,12 +156,15 @@ def render(scene: Scene) -> tuple[Image.Image, list[Image.Image]]:
 
 
 def _words(t: Thing, said: dict, object_word: str | None = None) -> str:
+    concept = object_word is not None or t.shape in PATTERN_SHAPES  # its colours are part of what its handle means
     parts = []
     if said.get("size"):
         parts.append(t.size)
-    if said.get("colour") and not t.pattern:  # a concept's colours are part of what its handle means
+    if said.get("colour") and not concept:
         parts.append(t.colour)
     parts.append(object_word or t.shape)
+    if t.pattern and not concept:  # a patterned world shape: "a red circle with white stripes"
+        parts += ["with", *([t.colour2] if said.get("colour") else []), t.pattern]
     return ("an " if parts[0][0] in "aeiou" else "a ") + " ".join(parts)
 
 
@@ -177,8 +181,9 @@ def caption(scene: Scene, object_words: list[str | None] | None = None) -> str:
     return text
 
 
-def random_scene(rng: random.Random, n_things: int | None = None) -> Scene:
-    """One captioned scene of the world's own objects."""
+def random_scene(rng: random.Random, n_things: int | None = None, patterned: float = 0.0) -> Scene:
+    """One captioned scene of the world's own objects; each is patterned (stripes, checks or dots in a second
+    colour, said in the caption) with probability `patterned`. The concepts' shapes never appear."""
     n = n_things or (1 if rng.random() < 0.6 else 2)
     positions = [rng.choice(list(POSITIONS))] if n == 1 else list(rng.choice(PAIRS))
     if n == 2 and rng.random() < 0.5:
@@ -188,6 +193,10 @@ def random_scene(rng: random.Random, n_things: int | None = None) -> Scene:
     if n == 2:
         for t in things:
             t.size = "small" if t.position in ("left", "right", "top", "bottom") and rng.random() < 0.5 else t.size
+    for t in things if patterned else ():  # no draws at 0: the unpatterned world's scenes stay what they were
+        if rng.random() < patterned:
+            t.pattern = rng.choice(PATTERNS)
+            t.colour2 = rng.choice([c for c in COLOURS if c != t.colour])
     said = {"colour": rng.random() < 0.9, "size": rng.random() < 0.5,
             "position": rng.random() < (0.6 if n == 1 else 1.0), "background": rng.random() < 0.5}
     scene = Scene(things, rng.choice(list(BACKGROUNDS)), said=said)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,21 @@ def test_train_world_scenes_do_not_depend_on_the_number_of_render_workers(monkey
     assert one.shape == (tw.CHUNK + 40, world.SIZE, world.SIZE, 3) and one.dtype == np.uint8
     assert caps1 == caps2 and np.array_equal(one, two)
     assert len(set(caps1)) > 50  # and they are many different scenes, not one repeated
+
+
+def test_patterned_world_objects_say_their_pattern_and_concepts_still_do_not():
+    rng = random.Random(4)
+    for _ in range(20):
+        scene = world.random_scene(rng, patterned=1.0)
+        img, masks = world.render(scene)
+        for t, m in zip(scene.things, masks):
+            assert t.shape in world.SHAPES and t.pattern in world.PATTERNS and t.colour2 != t.colour
+            assert f"{t.shape} with " in scene.caption and t.pattern in scene.caption
+            inside = np.asarray(img)[np.asarray(m) > 250]
+            near = lambda c: (np.abs(inside.astype(int) - world.COLOURS[c]).sum(1) < 60).mean()  # noqa: E731
+            assert near(t.colour) > 0.1 and near(t.colour2) > 0.1  # both colours drawn
+        if scene.said["colour"]:
+            assert all(f"{t.colour} {t.shape} with {t.colour2} {t.pattern}" in scene.caption for t in scene.things)
+    for name in world.CONCEPTS:
+        _, caption = world.concept_scene(name, rng)
+        assert not set(caption.split()) & (set(world.PATTERNS) | {"with"})
