@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..shared import adapter as adapter_io
@@ -97,7 +98,7 @@ def fused(s: Settings, base: Base, owns: list[Adapter], method: str, one_shot: b
 
 
 def pair(model: ConceptModel, judge: Judge, left: str, right: str, regional: bool, seed: int, s: Settings
-         ) -> tuple[object, list[dict]]:
+         ) -> tuple[Image.Image, list[dict]]:
     """A picture of `left` on the left and `right` on the right (regional: each phrase in its half), and what the
     judge sees in each half."""
     regions = [Region(left, box=HALVES["left"]), Region(right, box=HALVES["right"])] if regional else ()
@@ -269,7 +270,7 @@ def figure(r: dict, path: Path) -> None:
 
 def strip(pictures: dict[str, list], path: Path, scale: int = 3) -> None:
     """One row per mode (plain prompt, regional) of the multi-concept pictures, enlarged, halves marked."""
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     rows = [(mode, ims) for mode, ims in pictures.items() if ims]
     w, h = rows[0][1][0].size

@@ -165,7 +165,6 @@ def main() -> None:
     make_deterministic(vae)  # also for weights made before it existed; a no-op on its own output
     lat = lat * scale
     t_vae = time.time() - t0
-    te.train(), unet.train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     noise = DDPMScheduler.from_config({"_class_name": "DDPMScheduler", **architectures.SCHEDULER})
     params = list(unet.parameters()) + list(te.parameters())
