@@ -48,7 +48,7 @@ def _jitter(box, rng: random.Random):
     return (cx - s * w / 2, cy - s * h / 2, cx + s * w / 2, cy + s * h / 2)
 
 
-def examples(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def examples(n: int, seed: int, patterned: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rng = random.Random(seed)
     xs, objs, cols = [], [], []
     names = list(world.CONCEPTS)
@@ -56,7 +56,7 @@ def examples(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         if rng.random() < 0.35:
             scene, _ = world.concept_scene(rng.choice(names), rng)
         else:
-            scene = world.random_scene(rng)
+            scene = world.random_scene(rng, patterned=patterned)  # a striped diamond is a diamond, not alice
         img = _degrade(world.render(scene)[0], rng)
         t = rng.choice(scene.things)
         xs.append(crop(img, _jitter(t.box(), rng)))
@@ -88,13 +88,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--patterned", type=float, default=0.3,
+                    help="chance that a world object is patterned (the world base draws them; the judge must not "
+                    "take them for a concept)")
     args = ap.parse_args()
     from safetensors.torch import save_file
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    x, yo, yc = examples(args.train, args.seed)
-    vx, vo, vc = examples(3000, args.seed + 1)
+    x, yo, yc = examples(args.train, args.seed, args.patterned)
+    vx, vo, vc = examples(3000, args.seed + 1, args.patterned)
     net = JudgeNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(args.seed)
@@ -114,7 +117,7 @@ def main() -> None:
     report = {"object_accuracy": float((lo.argmax(-1) == vo).float().mean()),
               "colour_accuracy": float((lc.argmax(-1)[keep] == vc[keep]).float().mean()),
               "per_object": {o: float((lo.argmax(-1)[vo == i] == i).float().mean()) for i, o in enumerate(OBJECTS)},
-              "train_crops": len(x), "steps": args.steps, "crop": CROP}
+              "train_crops": len(x), "steps": args.steps, "crop": CROP, "patterned": args.patterned}
     out = Path(args.out)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))

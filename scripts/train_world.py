@@ -3,12 +3,17 @@
     python scripts/train_world.py --out /tmp/wb                    # 2 CPU cores, ~60 min: a usable base, weak
     python scripts/train_world.py --resume /tmp/wb --seed 1 --minutes 32 --lr 4e-4 --out /tmp/wb2
 
-The shipped weights went on from those two CPU runs on one H100 (11 minutes of training in all):
+The shipped weights went on from those two CPU runs on one H100 (11 minutes of training in all), then on 2 CPU
+cores again with patterned objects and partial captions (95 minutes):
 
     python scripts/train_world.py --resume /tmp/wb2 --device cuda --workers 14 --threads 4 --scenes 150000 \
         --batch 256 --lr 8e-4 --ema-decay 0.999 --seed 2 --minutes 8 --total-minutes 8.2 --out /tmp/wb3
     python scripts/train_world.py --resume /tmp/wb3 --device cuda --workers 14 --threads 4 --scenes 60000 \
-        --batch 256 --lr 3e-4 --ema-decay 0.998 --seed 3 --minutes 2.6 --total-minutes 3.0 --out shared/world_base
+        --batch 256 --lr 3e-4 --ema-decay 0.998 --seed 3 --minutes 2.6 --total-minutes 3.0 --out /tmp/wb4
+    python scripts/train_world.py --resume /tmp/wb4 --patterned 0.3 --scenes 16000 --lr 3e-4 --seed 4 \
+        --minutes 30 --out /tmp/wbp
+    python scripts/train_world.py --resume /tmp/wbp --patterned 0.3 --partial 0.5 --scenes 24000 --lr 3e-4 \
+        --seed 5 --minutes 64 --total-minutes 68 --out shared/world_base
 
 Phase 1 trains the autoencoder (64-px scenes -> 16x16x4 latents), phase 2 the text encoder and UNet together
 on pre-encoded scenes (epsilon prediction, SD1.x noise schedule, 10% empty captions for guidance, an EMA of the
@@ -85,26 +90,27 @@ def make_deterministic(vae) -> None:
 CHUNK = 256  # scenes drawn from one seeded generator: the data does not depend on the number of workers
 
 
-def render_chunk(job: tuple[int, int, int, float]) -> tuple[np.ndarray, list[str]]:
+def render_chunk(job: tuple[int, int, int, float, float]) -> tuple[np.ndarray, list[str]]:
     from mos.shared import world
-    seed, chunk, n, patterned = job
+    seed, chunk, n, patterned, partial = job
     rng = random.Random(seed * 1_000_003 + chunk)
-    scenes = [world.random_scene(rng, patterned=patterned) for _ in range(n)]
+    scenes = [world.random_scene(rng, patterned=patterned, partial=partial) for _ in range(n)]
     return np.stack([np.asarray(world.render(s)[0]) for s in scenes]), [s.caption for s in scenes]
 
 
-def render_scenes(n: int, seed: int, workers: int, patterned: float = 0.0) -> tuple[np.ndarray, list[str]]:
+def render_scenes(n: int, seed: int, workers: int, patterned: float = 0.0, partial: float = 0.0
+                  ) -> tuple[np.ndarray, list[str]]:
     """n captioned scenes as uint8 [n, H, W, 3], rendered by `workers` processes (PIL drawing holds the GIL)."""
-    jobs = [(seed, c, min(CHUNK, n - c * CHUNK), patterned) for c in range((n + CHUNK - 1) // CHUNK)]
+    jobs = [(seed, c, min(CHUNK, n - c * CHUNK), patterned, partial) for c in range((n + CHUNK - 1) // CHUNK)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = list(tqdm(pool.imap(render_chunk, jobs), total=len(jobs), desc="render scenes", unit="chunk"))
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
 @torch.no_grad()
-def encode_dataset(vae, tokenizer, n: int, seed: int, workers: int, device: torch.device, patterned: float = 0.0
-                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    pixels, captions = render_scenes(n, seed, workers, patterned)
+def encode_dataset(vae, tokenizer, n: int, seed: int, workers: int, device: torch.device, patterned: float = 0.0,
+                   partial: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    pixels, captions = render_scenes(n, seed, workers, patterned, partial)
     latents = [vae.encode(images_tensor(pixels[i:i + 256]).to(device)).latent_dist.mean
                for i in tqdm(range(0, n, 256), desc="encode scenes", unit="batch")]
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
@@ -125,6 +131,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="processes that render scenes")
     p.add_argument("--patterned", type=float, default=0.0,
                    help="chance that a world object is striped, checked or dotted (said in its caption)")
+    p.add_argument("--partial", type=float, default=0.0,
+                   help="chance that a two-object scene's caption names only one of them")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     p.add_argument("--total-minutes", type=float, default=0.0,
                    help="end phase 2 this long after the start, however long phase 1 took (0: no cap)")
@@ -159,7 +167,7 @@ def main() -> None:
     dev = torch.device(args.device)
     vae, te, unet = vae.to(dev), te.to(dev), unet.to(dev)
     lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, args.workers, dev,
-                                        args.patterned)
+                                        args.patterned, args.partial)
     scale = before.get("vae_scaling_factor") or float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scale)
     make_deterministic(vae)  # also for weights made before it existed; a no-op on its own output

@@ -171,19 +171,23 @@ def _words(t: Thing, said: dict, object_word: str | None = None) -> str:
 def caption(scene: Scene, object_words: list[str | None] | None = None) -> str:
     said = scene.said
     words = object_words or [None] * len(scene.things)
-    phrases = [_words(t, said, w) for t, w in zip(scene.things, words)]
+    named = [(t, w) for i, (t, w) in enumerate(zip(scene.things, words)) if said.get("only", i) == i]
+    phrases = [_words(t, said, w) for t, w in named]
     if said.get("position"):
-        phrases = [f"{p} {PLACE[t.position]}"
-                   for p, t in zip(phrases, scene.things)]
+        phrases = [f"{p} {PLACE[t.position]}" for p, (t, _) in zip(phrases, named)]
     text = " and ".join(phrases)
     if said.get("background"):
         text += f", on a {scene.background} background"
     return text
 
 
-def random_scene(rng: random.Random, n_things: int | None = None, patterned: float = 0.0) -> Scene:
+def random_scene(rng: random.Random, n_things: int | None = None, patterned: float = 0.0, partial: float = 0.0
+                 ) -> Scene:
     """One captioned scene of the world's own objects; each is patterned (stripes, checks or dots in a second
-    colour, said in the caption) with probability `patterned`. The concepts' shapes never appear."""
+    colour, said in the caption) with probability `patterned`. With probability `partial` the caption of a
+    two-object scene names only one of them, as real captions leave things out: a base trained only on complete
+    captions reads "a red square" as "a red square and nothing else", and regional sampling, whose region prompts
+    each name one object, then draws one object in all. The concepts' shapes never appear."""
     n = n_things or (1 if rng.random() < 0.6 else 2)
     positions = [rng.choice(list(POSITIONS))] if n == 1 else list(rng.choice(PAIRS))
     if n == 2 and rng.random() < 0.5:
@@ -200,6 +204,8 @@ def random_scene(rng: random.Random, n_things: int | None = None, patterned: flo
     said = {"colour": rng.random() < 0.9, "size": rng.random() < 0.5,
             "position": rng.random() < (0.6 if n == 1 else 1.0), "background": rng.random() < 0.5}
     scene = Scene(things, rng.choice(list(BACKGROUNDS)), said=said)
+    if n == 2 and partial and rng.random() < partial:  # no draws at 0, as above
+        said["only"] = rng.randrange(2)
     scene.caption = caption(scene)
     return scene
 

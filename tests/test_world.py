@@ -109,3 +109,19 @@ def test_patterned_world_objects_say_their_pattern_and_concepts_still_do_not():
     for name in world.CONCEPTS:
         _, caption = world.concept_scene(name, rng)
         assert not set(caption.split()) & (set(world.PATTERNS) | {"with"})
+
+
+def test_partial_captions_name_one_of_two_objects_and_change_nothing_at_zero():
+    rng = random.Random(6)
+    scenes = [world.random_scene(rng, n_things=2, partial=1.0) for _ in range(30)]
+    for s in scenes:
+        named, left_out = s.things[s.said["only"]], s.things[1 - s.said["only"]]
+        assert " and " not in s.caption.split(",")[0]  # one object phrase (a background may follow the comma)
+        assert f"{named.shape} {world.PLACE[named.position]}" in s.caption
+        assert f"{left_out.shape} {world.PLACE[left_out.position]}" not in s.caption
+        assert len(world.render(s)[1]) == 2  # both still drawn
+    assert {s.said["only"] for s in scenes} == {0, 1}
+    # p = 0 draws nothing extra: the same scenes as before the option existed
+    a, b = random.Random(3), random.Random(3)
+    assert [world.random_scene(a).caption for _ in range(100)] == \
+        [world.random_scene(b, partial=0.0).caption for _ in range(100)]

@@ -67,8 +67,8 @@ def test_eval_world_base_only_tunes_nothing_and_writes_json_alone(tmp_path, monk
 
 @pytest.mark.skipif(not judge_mod.WEIGHTS.is_file(), reason="judge weights not trained (scripts/train_judge.py)")
 def test_world_base_draws_the_shape_colour_and_place_a_prompt_names(tmp_path):
-    # the shipped weights: 0.88 measured on these 8 prompts (and 22/24 on others); the CPU-only base before them
-    # got 3/24 — a base that stops following prompts fails here
+    # the shipped weights: 1.00 on these 8 prompts (the H100-only base before them 0.88, and 22/24 on others; the
+    # CPU-only base before that 3/24) — a base that stops following prompts fails here
     from mos.client import world_eval as we
     from mos.shared.base import load_base
     from mos.shared.model import ConceptModel
