@@ -77,7 +77,7 @@ class Scene:
     things: list[Thing]
     background: str
     caption: str = ""
-    said: dict = field(default_factory=dict)  # which facts the caption states
+    said: dict = field(default_factory=dict)  # which facts the caption states; "only": the one thing it names
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
