@@ -90,27 +90,27 @@ def make_deterministic(vae) -> None:
 CHUNK = 256  # scenes drawn from one seeded generator: the data does not depend on the number of workers
 
 
-def render_chunk(job: tuple[int, int, int, float, float]) -> tuple[np.ndarray, list[str]]:
+def render_chunk(job: tuple[int, int, int, dict]) -> tuple[np.ndarray, list[str]]:
     from mos.shared import world
-    seed, chunk, n, patterned, partial = job
+    seed, chunk, n, mix = job
     rng = random.Random(seed * 1_000_003 + chunk)
-    scenes = [world.random_scene(rng, patterned=patterned, partial=partial) for _ in range(n)]
+    scenes = [world.random_scene(rng, **mix) for _ in range(n)]
     return np.stack([np.asarray(world.render(s)[0]) for s in scenes]), [s.caption for s in scenes]
 
 
-def render_scenes(n: int, seed: int, workers: int, patterned: float = 0.0, partial: float = 0.0
-                  ) -> tuple[np.ndarray, list[str]]:
-    """n captioned scenes as uint8 [n, H, W, 3], rendered by `workers` processes (PIL drawing holds the GIL)."""
-    jobs = [(seed, c, min(CHUNK, n - c * CHUNK), patterned, partial) for c in range((n + CHUNK - 1) // CHUNK)]
+def render_scenes(n: int, seed: int, workers: int, mix: dict | None = None) -> tuple[np.ndarray, list[str]]:
+    """n captioned scenes as uint8 [n, H, W, 3], rendered by `workers` processes (PIL drawing holds the GIL);
+    `mix`: world.random_scene's chances (patterned, partial)."""
+    jobs = [(seed, c, min(CHUNK, n - c * CHUNK), mix or {}) for c in range((n + CHUNK - 1) // CHUNK)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = list(tqdm(pool.imap(render_chunk, jobs), total=len(jobs), desc="render scenes", unit="chunk"))
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
 @torch.no_grad()
-def encode_dataset(vae, tokenizer, n: int, seed: int, workers: int, device: torch.device, patterned: float = 0.0,
-                   partial: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    pixels, captions = render_scenes(n, seed, workers, patterned, partial)
+def encode_dataset(vae, tokenizer, n: int, seed: int, workers: int, device: torch.device, mix: dict
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    pixels, captions = render_scenes(n, seed, workers, mix)
     latents = [vae.encode(images_tensor(pixels[i:i + 256]).to(device)).latent_dist.mean
                for i in tqdm(range(0, n, 256), desc="encode scenes", unit="batch")]
     ids = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
@@ -166,8 +166,8 @@ def main() -> None:
         unet = UNet2DConditionModel(**cfg["unet"])
     dev = torch.device(args.device)
     vae, te, unet = vae.to(dev), te.to(dev), unet.to(dev)
-    lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, args.workers, dev,
-                                        args.patterned, args.partial)
+    mix = {"patterned": args.patterned, "partial": args.partial}
+    lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, args.workers, dev, mix)
     scale = before.get("vae_scaling_factor") or float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scale)
     make_deterministic(vae)  # also for weights made before it existed; a no-op on its own output
