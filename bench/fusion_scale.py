@@ -1,4 +1,4 @@
-"""Scale benchmark of closed-form gradient fusion (mos.server.solver); not a test.
+"""Scale benchmark of closed-form gradient fusion (mos.shared.fusion.solver); not a test.
 
 (1) Server cost at SD1.5 input-site dimensions for N concepts (rank 4 each), synthetic Grams
     streamed concept by concept; each N runs in a fresh subprocess so its peak RSS is its own.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mos.server.solver import DEFAULT_EPS, SiteSums, site_residual
+from mos.shared.fusion.solver import DEFAULT_EPS, SiteSums, site_residual
 
 THREADS = 2  # default; --threads overrides (the machine is 2 cores)
 RANK = 4
@@ -74,7 +74,7 @@ def _site(name: str, dim: int, layers: list[tuple[str, int]], stage: int | None 
 def load_sites() -> tuple[list[dict], str]:
     """Dims from `mos base info --base sd15-random --json` when it works, else the table above."""
     exe = shutil.which("mos")
-    cmd = [exe] if exe else [sys.executable, "-m", "mos.shared.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "mos.shared.commands.mos"]
     cmd += ["base", "info", "--base", "sd15-random", "--json"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""Cost of regional sampling (mos.shared.regional) against plain sampling; not a test.
+"""Cost of regional sampling (mos.shared.sampling.regional) against plain sampling; not a test.
 
 Times one image with 1, 2 and 4 regions and without regions, interleaved (each repetition runs every setting,
 in a rotating order) so that load on the machine hits all settings alike; reports medians and ratios to plain,
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from mos.shared.base import load_base
-from mos.shared.model import ConceptModel
-from mos.shared.regional import denoise_regional
-from mos.shared.regions import Region, parse_size
-from mos.shared.sampling import initial_latents
+from mos.shared.sd.base import load_base
+from mos.shared.sd.model import ConceptModel
+from mos.shared.sampling.regional import denoise_regional
+from mos.shared.sampling.layout import Region, parse_size
+from mos.shared.sampling.denoise import initial_latents
 
 BOXES = {
     1: [(0.0, 0.0, 0.5, 1.0)],

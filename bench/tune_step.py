@@ -1,6 +1,6 @@
 """Cost of an ED-LoRA training step against a plain LoRA step; not a test.
 
-Both run `mos.client.edlora.train_step` on the same model, batch and resolution, interleaved step by step so
+Both run `mos.client.tuning.edlora.train_step` on the same model, batch and resolution, interleaved step by step so
 they share whatever else the machine is doing:
   lora           one concept token, one embedding, 3-D conditioning: one text-encoder pass per sample
   edlora         two tokens, one embedding per cross-attention layer, 4-D conditioning: L passes per sample
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from mos.client.data import load_concept, make_batch
-from mos.client.edlora import TuneConfig, make_trainer, token_ids, train_step
-from mos.shared.base import load_base
+from mos.client.tuning.data import load_concept, make_batch
+from mos.client.tuning.edlora import TuneConfig, make_trainer, token_ids, train_step
+from mos.shared.sd.base import load_base
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"lora": dict(layerwise=False, use_masks=False), "edlora": dict(layerwise=True, use_masks=False),

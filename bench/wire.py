@@ -1,7 +1,7 @@
 """Bytes on the wire per client and stage of the federated protocol; not a test.
 
 tiny    measured: the real stage functions run on random rank-4 concepts and every payload is encoded exactly as
-        mos-server / mos-client encode it (mos.shared.wire), without Flower processes.
+        mos-server / mos-client encode it (mos.shared.federation.wire), without Flower processes.
 sd15    computed from `mos base info --base sd15-random --json` (site dimensions) and the row counts measured on
         tiny, scaled to SD1.5's 64x64 latents (the layouts match, so every site sees (64/8)^2 times the tokens).
 Both with float32 Grams (the default) and float64 (`mos-server --gram-dtype float64`). Target: <= 150 MB per
@@ -20,19 +20,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from flwr.app import RecordDict
 
-from mos.server.fusion import Fusion, run_fusion
-from mos.server.local_runner import LocalRunner
-from mos.shared import adapter as adapter_io
-from mos.shared import wire
-from mos.shared.adapter import Adapter
-from mos.shared.base import load_base
-from mos.shared.concepts import N_TOKENS, Concept
-from mos.shared.model import ConceptModel
+from mos.shared.fusion.driver import Fusion, run_fusion
+from mos.shared.fusion.local import LocalRunner
+from mos.shared.formats import adapter as adapter_io
+from mos.shared.federation import wire
+from mos.shared.formats.adapter import Adapter
+from mos.shared.sd.base import load_base
+from mos.shared.sd.concepts import N_TOKENS, Concept
+from mos.shared.sd.model import ConceptModel
 
 RANK = 4
 STAGES = ("train.tune", "query.kv", "query.spatial", "train.result")
@@ -61,28 +62,29 @@ class MeasuringRunner(LocalRunner):
         b["up"] += wire.record_bytes(up) if up is not None else 0
         b["down"] += wire.record_bytes(down) if down is not None else 0
 
-    def stage1(self, one_shot):
-        out = super().stage1(one_shot)
+    def stage1(self, config):
+        config = replace(config, gram_dtype=self.dtype)
+        out = super().stage1(config)
         fp = self.base.fingerprint
         for name, (adapter, stats) in out.items():
             up = wire.encode_stats(wire.encode_concept(RecordDict(), adapter), 1, name, fp, stats, dtype=self.dtype)
-            self.note(name, "train.tune", up, wire.encode_tune(fp, 1, one_shot, [], self.dtype))
+            self.note(name, "train.tune", up, wire.encode_tune(fp, 1, config, []))
             self.rows |= {s: g.rows for s, g in stats.items()}
         return out
 
-    def _stage(self, stage: int, kind: str, fused, concepts, out):
-        down = wire.encode_fused(stage - 1, fused, concepts, self.base.fingerprint, 1, gram_dtype=self.dtype)
+    def _stage(self, stage: int, kind: str, fused, concepts, config, out):
+        down = wire.encode_fused(stage - 1, fused, concepts, self.base.fingerprint, 1, replace(config, gram_dtype=self.dtype))
         for name, stats in out.items():
             self.note(name, kind, wire.encode_stats(RecordDict(), stage, name, self.base.fingerprint, stats,
                                                     dtype=self.dtype), down)
             self.rows |= {s: g.rows for s, g in stats.items()}
         return out
 
-    def stage2(self, fused_te, concepts):
-        return self._stage(2, "query.kv", fused_te, concepts, super().stage2(fused_te, concepts))
+    def stage2(self, fused_te, concepts, config):
+        return self._stage(2, "query.kv", fused_te, concepts, config, super().stage2(fused_te, concepts, config))
 
-    def stage3(self, fused, concepts):
-        return self._stage(3, "query.spatial", fused, concepts, super().stage3(fused, concepts))
+    def stage3(self, fused, concepts, config):
+        return self._stage(3, "query.spatial", fused, concepts, config, super().stage3(fused, concepts, config))
 
 
 def measure_tiny(n: int, dtype: str) -> tuple[dict, dict[str, int], dict]:

@@ -117,7 +117,7 @@ class StagePayload(_message.Message):
     def __init__(self, version: _Optional[int] = ..., stage: _Optional[int] = ..., concept: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteStats, _Mapping]]] = ..., from_cache: _Optional[bool] = ...) -> None: ...
 
 class FusedManifest(_message.Message):
-    __slots__ = ("version", "stage", "base_fingerprint", "round", "concepts", "lora", "digest", "adapter_file", "one_shot", "gram_dtype")
+    __slots__ = ("version", "stage", "base_fingerprint", "round", "concepts", "lora", "digest", "adapter_file", "one_shot", "gram_dtype", "sampling")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class FusedManifest(_message.Message):
     ADAPTER_FILE_FIELD_NUMBER: _ClassVar[int]
     ONE_SHOT_FIELD_NUMBER: _ClassVar[int]
     GRAM_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     version: int
     stage: int
     base_fingerprint: str
@@ -138,23 +139,36 @@ class FusedManifest(_message.Message):
     adapter_file: TensorSpec
     one_shot: bool
     gram_dtype: str
-    def __init__(self, version: _Optional[int] = ..., stage: _Optional[int] = ..., base_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[ConceptEntry, _Mapping]]] = ..., lora: _Optional[_Iterable[_Union[LoraLayer, _Mapping]]] = ..., digest: _Optional[str] = ..., adapter_file: _Optional[_Union[TensorSpec, _Mapping]] = ..., one_shot: _Optional[bool] = ..., gram_dtype: _Optional[str] = ...) -> None: ...
+    sampling: Sampling
+    def __init__(self, version: _Optional[int] = ..., stage: _Optional[int] = ..., base_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[ConceptEntry, _Mapping]]] = ..., lora: _Optional[_Iterable[_Union[LoraLayer, _Mapping]]] = ..., digest: _Optional[str] = ..., adapter_file: _Optional[_Union[TensorSpec, _Mapping]] = ..., one_shot: _Optional[bool] = ..., gram_dtype: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("steps", "seed", "guidance")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    seed: int
+    guidance: float
+    def __init__(self, steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ...) -> None: ...
 
 class TuneRequest(_message.Message):
-    __slots__ = ("version", "base_fingerprint", "round", "one_shot", "known", "gram_dtype")
+    __slots__ = ("version", "base_fingerprint", "round", "one_shot", "known", "gram_dtype", "sampling")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ONE_SHOT_FIELD_NUMBER: _ClassVar[int]
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     GRAM_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     version: int
     base_fingerprint: str
     round: int
     one_shot: bool
     known: _containers.RepeatedScalarFieldContainer[str]
     gram_dtype: str
-    def __init__(self, version: _Optional[int] = ..., base_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., one_shot: _Optional[bool] = ..., known: _Optional[_Iterable[str]] = ..., gram_dtype: _Optional[str] = ...) -> None: ...
+    sampling: Sampling
+    def __init__(self, version: _Optional[int] = ..., base_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., one_shot: _Optional[bool] = ..., known: _Optional[_Iterable[str]] = ..., gram_dtype: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("version", "kind", "reason", "round")

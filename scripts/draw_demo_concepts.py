@@ -3,7 +3,7 @@
 alice: a red star with white stripes     (class word "diamond")
 bob:   a blue ring with yellow checks    (class word "circle")
 carol: a purple heart with orange dots   (class word "triangle")
-Drawn by the world's own renderer (mos.shared.world), alone or beside a world object, at varied places, sizes and
+Drawn by the world's own renderer (mos.shared.world.scenes), alone or beside a world object, at varied places, sizes and
 backgrounds; a caption with <TOK> and the concept's mask go beside each image. Deterministic by seed.
 Run: python scripts/draw_demo_concepts.py [--out data] [--n 10]
 """
@@ -14,7 +14,7 @@ import argparse
 import random
 from pathlib import Path
 
-from mos.shared import world
+from mos.shared.world import scenes as world
 
 
 def main() -> None:

@@ -11,4 +11,4 @@ command -v "$PY" >/dev/null || PY=python3
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c 'import torch' 2>/dev/null || pip install -q "torch==2.13.0"
 pip install -q ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
-python -c 'import mos.shared.base, mos.client, mos.server' || { echo "setup: the package did not install" >&2; exit 1; }
+python -c 'import mos.shared.sd.base, mos.client, mos.server' || { echo "setup: the package did not install" >&2; exit 1; }

@@ -1,6 +1,6 @@
-"""Train the judge (mos.client.judge) on crops of the world's renders and the demo concepts' renders.
+"""Train the judge (mos.shared.world.judge) on crops of the world's renders and the demo concepts' renders.
 
-    python scripts/train_judge.py            # writes client/judge.safetensors and prints held-out accuracy
+    python scripts/train_judge.py            # writes shared/world/judge.safetensors and prints held-out accuracy
 
 Crops are blurred, rescaled and noised the way a small diffusion model's pictures are, so the judge reads samples,
 not only clean renders. Deterministic by seed; a few minutes on 2 CPU cores.
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from mos.client.judge import COLOURS, CROP, OBJECTS, JudgeNet, crop
-from mos.shared import world
+from mos.shared.world.judge import COLOURS, CROP, OBJECTS, JudgeNet, crop
+from mos.shared.world import scenes as world
 
 IGNORE = -100
 
@@ -83,7 +83,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="client/judge.safetensors")
+    ap.add_argument("--out", default="shared/world/judge.safetensors")
     ap.add_argument("--train", type=int, default=24000)
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,7 @@ cores again with patterned objects and partial captions (95 minutes):
     python scripts/train_world.py --resume /tmp/wb4 --patterned 0.3 --scenes 16000 --lr 3e-4 --seed 4 \
         --minutes 30 --out /tmp/wbp
     python scripts/train_world.py --resume /tmp/wbp --patterned 0.3 --partial 0.5 --scenes 24000 --lr 3e-4 \
-        --seed 5 --minutes 64 --total-minutes 68 --out shared/world_base
+        --seed 5 --minutes 64 --total-minutes 68 --out shared/world/weights
 
 Phase 1 trains the autoencoder (64-px scenes -> 16x16x4 latents), phase 2 the text encoder and UNet together
 on pre-encoded scenes (epsilon prediction, SD1.x noise schedule, 10% empty captions for guidance, an EMA of the
@@ -91,7 +91,7 @@ CHUNK = 256  # scenes drawn from one seeded generator: the data does not depend 
 
 
 def render_chunk(job: tuple[int, int, int, dict]) -> tuple[np.ndarray, list[str]]:
-    from mos.shared import world
+    from mos.shared.world import scenes as world
     seed, chunk, n, mix = job
     rng = random.Random(seed * 1_000_003 + chunk)
     scenes = [world.random_scene(rng, **mix) for _ in range(n)]
@@ -120,7 +120,7 @@ def encode_dataset(vae, tokenizer, n: int, seed: int, workers: int, device: torc
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="shared/world_base")
+    p.add_argument("--out", default="shared/world/weights")
     p.add_argument("--minutes", type=float, default=42.0, help="time for phase 2 (the UNet and text encoder)")
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--scenes", type=int, default=16000, help="pre-encoded scenes for phase 2")
@@ -146,8 +146,9 @@ def main() -> None:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mos.shared import architectures, world
-    from mos.shared.base import load_tokenizer, load_weights, tiny_folder
+    from mos.shared.sd import architectures
+    from mos.shared.world import scenes as world
+    from mos.shared.sd.base import load_tokenizer, load_weights, tiny_folder
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

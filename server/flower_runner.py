@@ -6,7 +6,7 @@
     train.result   <- the fused adapter file;                            -> acknowledgement
     query.notice   <- "rejected" / "dropped" / "finished": the client stops with that reason
 
-Every reply is decoded and checked (mos.shared.wire) before it reaches the fusion; a client whose reply is
+Every reply is decoded and checked (mos.shared.federation.wire) before it reaches the fusion; a client whose reply is
 missing, late or bad leaves the round (Fusion.remove) with the reason in fusion.json, and is told so.
 Concepts fused in earlier rounds whose clients are gone take part from the server's state.
 """
@@ -20,14 +20,15 @@ from typing import Callable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from ..shared import adapter as adapter_io
-from ..shared import wire
-from ..shared.adapter import Adapter
-from ..shared.concepts import Concept
-from ..shared.lora import Lora
-from ..shared.stats import Stats
-from .fusion import Fusion
-from .state import ServerState
+from mos.shared.formats import adapter as adapter_io
+from mos.shared.federation import wire
+from mos.shared.formats.adapter import Adapter
+from mos.shared.sd.concepts import Concept
+from mos.shared.sd.lora import Lora
+from mos.shared.fusion.stats import Stats
+from mos.shared.fusion.config import FusionConfig
+from mos.shared.fusion.driver import Fusion
+from mos.server.state import ServerState
 
 POLL_S = 0.5
 
@@ -62,8 +63,7 @@ def send_notices(grid: Grid, notices: dict[int, tuple[str, str]], round_: int, t
 
 class FlowerRunner:
     def __init__(self, grid: Grid, fusion: Fusion, manifest: wire.BaseManifest, state: ServerState, round_: int,
-                 nodes: list[int], timeout: float, say: Callable[[str], None], one_shot: bool = False,
-                 gram_dtype: str = wire.GRAM_DTYPE):
+                 nodes: list[int], timeout: float, say: Callable[[str], None]):
         self.grid = grid
         self.fusion = fusion
         self.manifest = manifest
@@ -72,8 +72,7 @@ class FlowerRunner:
         self.nodes = nodes
         self.timeout = timeout
         self.say = say
-        self.one_shot = one_shot
-        self.gram_dtype = gram_dtype
+        self.config = fusion.config
         self.members: dict[int, Member] = {}           # node -> member (accepted clients still in the round)
         self.out: dict[int, tuple[str, str, str]] = {}  # node -> (concept, kind, reason): rejected or dropped
         self.from_state: dict[str, dict[int, Stats]] = {}  # registry concepts without a client this round
@@ -156,12 +155,12 @@ class FlowerRunner:
 
     # --- stages ---------------------------------------------------------------------------------------------
 
-    def stage1(self, one_shot: bool) -> dict[str, tuple[Adapter, Stats]]:
+    def stage1(self, config: FusionConfig) -> dict[str, tuple[Adapter, Stats]]:
         known = self.state.known(self.round)
         registry = self.state.registry()
         offer = [f"{n}:{d}" for n, d in (registry | known).items()]
         self.members = {n: Member(n) for n in self.nodes}
-        tune = {n: wire.encode_tune(self.manifest.fingerprint, self.round, one_shot, offer, self.gram_dtype)
+        tune = {n: wire.encode_tune(self.manifest.fingerprint, self.round, config, offer)
                 for n in self.nodes}
         replies = self.exchange("train.tune", tune)
         self._missing("train.tune", self.nodes, replies)
@@ -169,7 +168,7 @@ class FlowerRunner:
         for node in sorted(replies, key=lambda n: self._name_of(replies[n])):
             if node not in self.members:
                 continue
-            got = self._accept_tune(node, replies[node].content, known, registry, one_shot)
+            got = self._accept_tune(node, replies[node].content, known, registry, config.one_shot)
             if got:
                 out[self.members[node].name] = got
         # concepts of earlier rounds whose clients did not come back this round
@@ -177,7 +176,7 @@ class FlowerRunner:
         for name in sorted(set(registry) - present):
             adapter, stats = self.state.load_registry(name)
             self.from_state[name] = stats
-            out[name] = (adapter, self._stage_stats(stats, 1, one_shot))
+            out[name] = (adapter, self._stage_stats(stats, 1, config.one_shot))
             self.say(f"train.tune    {name:<12} from the server's state (round before; no client needed)")
         return dict(sorted(out.items()))
 
@@ -231,8 +230,7 @@ class FlowerRunner:
         return {s.name: merged[s.name] for s in self.manifest.stage_sites(stage, one_shot) if s.name in merged}
 
     def _query(self, kind: str, stage: int, fused: Lora, concepts: list[Concept]) -> dict[str, Stats]:
-        payload = wire.encode_fused(stage - 1, fused, concepts, self.manifest.fingerprint, self.round,
-                                    gram_dtype=self.gram_dtype)
+        payload = wire.encode_fused(stage - 1, fused, concepts, self.manifest.fingerprint, self.round, self.config)
         nodes = list(self.members)
         replies = self.exchange(kind, {n: payload for n in nodes})
         self._missing(kind, nodes, replies)
@@ -253,10 +251,10 @@ class FlowerRunner:
                 out[name] = self._stage_stats(stats, stage, False)
         return dict(sorted(out.items()))
 
-    def stage2(self, fused_te: Lora, concepts: list[Concept]) -> dict[str, Stats]:
+    def stage2(self, fused_te: Lora, concepts: list[Concept], config: FusionConfig) -> dict[str, Stats]:
         return self._query("query.kv", 2, fused_te, concepts)
 
-    def stage3(self, fused: Lora, concepts: list[Concept]) -> dict[str, Stats]:
+    def stage3(self, fused: Lora, concepts: list[Concept], config: FusionConfig) -> dict[str, Stats]:
         return self._query("query.spatial", 3, fused, concepts)
 
     def deliver(self, fused: Adapter) -> None:

@@ -17,27 +17,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..shared import adapter as adapter_io
-from ..shared.adapter import Adapter
-from ..shared.stats import Stats
-from ..shared.stats_file import load_stats, save_stats
+from mos.shared.formats import adapter as adapter_io
+from mos.shared.formats.adapter import Adapter
+from mos.shared.fusion.stats import Stats
+from mos.shared.files import read_json, write_json
+from mos.shared.fusion.stats_file import load_stats, save_stats
 
 STAGES = (1, 2, 3)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class ServerState:

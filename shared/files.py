@@ -2,27 +2,68 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """safetensors to a temporary file beside `path`, then rename (atomic on one filesystem)."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` (atomic on one filesystem) when the block
+    ends normally, removed when it raises. The file is created owner-only (0600) unless `mode` says otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        yield Path(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def write_bytes(path: str | Path, data: bytes, mode: int | None = 0o644) -> Path:
+    with atomic_path(path, mode) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Indented JSON in the object's own key order; numbers JSON does not know (tensor and numpy scalars) as floats,
+    anything else it does not know (paths, dates) as its str()."""
+    return write_bytes(path, json.dumps(obj, indent=2, default=_plain).encode())
+
+
+def _plain(o: Any) -> Any:
+    try:
+        return float(o)
+    except (TypeError, ValueError):
+        return str(o)
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON in `path`, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors, written whole or not at all."""
+    with atomic_path(path, 0o644) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def read_tensors(path: Path, max_bytes: int, what: str, error: type[Exception] = ValueError

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from mos.shared.runtime import setup_environment
+
 # One cache of built bases for the whole run (the tiny base takes seconds to build); subprocesses inherit it.
 os.environ.setdefault("MOS_HOME", tempfile.mkdtemp(prefix="mos-test-home-"))
-for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
-             "FLWR_DISABLE_UPDATE_CHECK": "1", "TRANSFORMERS_VERBOSITY": "error",
-             # Tiny models gain nothing from a second thread, and servers + clients started by tests share 2 cores:
-             # oversubscribed threads made them 20x slower.
-             "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}.items():
-    os.environ.setdefault(k, v)
+setup_environment()
+# Tiny models gain nothing from a second thread, and servers + clients started by tests share 2 cores:
+# oversubscribed threads made them 20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(1)  # tiny models: 1 thread is as fast, and far faster when the machine is busy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +39,14 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | No
 @pytest.fixture(scope="session")
 def tiny_base():
     """A loaded tiny base. Tests that mutate it (LoRA, processors) must use `fresh_base` instead."""
-    from mos.shared.base import load_base
+    from mos.shared.sd.base import load_base
 
     return load_base("tiny")
 
 
 @pytest.fixture
 def fresh_base():
-    from mos.shared.base import load_base
+    from mos.shared.sd.base import load_base
 
     return load_base("tiny")
 
@@ -54,10 +55,10 @@ def random_adapter(base, name: str, class_word: str, seed: int, scale: float = 0
     """A concept adapter with random LoRA on every target layer and perturbed class-word embeddings."""
     import copy
 
-    from mos.shared.adapter import Adapter
-    from mos.shared.concepts import Concept
-    from mos.shared.model import ConceptModel
-    from mos.shared.sites import input_sites
+    from mos.shared.formats.adapter import Adapter
+    from mos.shared.sd.concepts import Concept
+    from mos.shared.sd.model import ConceptModel
+    from mos.shared.sd.sites import input_sites
 
     g = torch.Generator().manual_seed(seed)
     model = ConceptModel(copy.deepcopy(base))

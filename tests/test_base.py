@@ -29,7 +29,7 @@ def test_tiny_base_fingerprint_is_stable_across_processes(tmp_path):
 
 
 def test_other_seed_and_changed_weight_change_fingerprint(tiny_base):
-    from mos.shared.base import fingerprint, load_base
+    from mos.shared.sd.base import fingerprint, load_base
 
     other = load_base("tiny:1")
     assert other.fingerprint != tiny_base.fingerprint
@@ -48,11 +48,11 @@ def test_other_seed_and_changed_weight_change_fingerprint(tiny_base):
 
 
 def test_save_load_roundtrip_gives_identical_unet_outputs(tiny_base, tmp_path):
-    from mos.shared.base import load_base
+    from mos.shared.sd.base import load_base
 
     for name in ("unet", "text_encoder", "vae"):
         getattr(tiny_base, name).save_pretrained(tmp_path / name, safe_serialization=True)
-    from mos.shared.base import tiny_folder
+    from mos.shared.sd.base import tiny_folder
 
     for name in ("tokenizer", "scheduler"):
         shutil.copytree(tiny_folder() / name, tmp_path / name)
@@ -85,7 +85,7 @@ def test_base_info_lists_layers_and_shared_sites():
 
 
 def test_bad_base_paths_give_clear_errors(tmp_path):
-    from mos.shared.base import BaseModelError, load_base
+    from mos.shared.sd.base import BaseModelError, load_base
 
     with pytest.raises(BaseModelError, match="neither tiny"):
         load_base(str(tmp_path / "missing"))
@@ -96,7 +96,7 @@ def test_bad_base_paths_give_clear_errors(tmp_path):
     ckpt.write_bytes(b"not really")
     with pytest.raises(BaseModelError, match="pickle checkpoints are refused"):
         load_base(str(ckpt))
-    from mos.shared.base import tiny_folder
+    from mos.shared.sd.base import tiny_folder
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_folder(), broken)
@@ -108,7 +108,7 @@ def test_bad_base_paths_give_clear_errors(tmp_path):
 
 
 def test_device_and_dtype_choice():
-    from mos.shared.base import pick_device, pick_dtype
+    from mos.shared.sd.base import pick_device, pick_dtype
 
     assert pick_dtype(torch.device("cpu")) == torch.float32
     assert pick_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
@@ -120,7 +120,7 @@ def test_device_and_dtype_choice():
 @pytest.mark.skipif(not os.environ.get("MOS_SD15_PATH"), reason="needs real SD1.5 weights: set MOS_SD15_PATH to a "
                     "local diffusers folder or .safetensors file")
 def test_real_sd15_loads_offline():
-    from mos.shared.base import load_base
+    from mos.shared.sd.base import load_base
 
     base = load_base(os.environ["MOS_SD15_PATH"])
     assert base.resolution == 512 and len(base.fingerprint) == 32

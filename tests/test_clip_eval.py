@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 
 from conftest import DATA, random_adapter, run_cli
-from mos.shared import adapter as adapter_io
+from mos.shared.formats import adapter as adapter_io
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel
 
-    from mos.shared.tokenizer import write_tokenizer_files
+    from mos.shared.sd.tokenizer import write_tokenizer_files
 
     d = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
@@ -31,7 +31,7 @@ def clip_dir(tmp_path_factory):
 
 
 def test_scores_are_cosines_of_clip_embeddings(clip_dir):
-    from mos.client.clip_eval import Clip, scores
+    from mos.client.evaluation.clip import Clip, scores
 
     clip = Clip(clip_dir)
     red, noise = Image.new("RGB", (64, 64), (200, 30, 30)), Image.effect_noise((64, 64), 80).convert("RGB")

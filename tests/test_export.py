@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import random_adapter, run_cli
-from mos.shared import adapter as adapter_io
-from mos.shared import lora_formats
-from mos.shared.base import tiny_folder
-from mos.shared.lora import delta
-from mos.shared.model import ConceptModel
-from mos.shared.sampling import initial_latents
+from mos.shared.formats import adapter as adapter_io
+from mos.shared.formats import conversions as lora_formats
+from mos.shared.sd.base import tiny_folder
+from mos.shared.sd.lora import delta
+from mos.shared.sd.model import ConceptModel
+from mos.shared.sampling.denoise import initial_latents
+from mos.shared.fusion.config import FusionConfig
 
 
 def pipeline(folder):
@@ -110,10 +111,10 @@ def kohya_file(lora, path, alpha_over_rank: float = 0.5, extra: dict | None = No
 
 
 def test_imported_kohya_lora_fused_alone_reproduces_its_own_outputs(tiny_base, tmp_path):
-    from mos.server.fusion import Fusion, run_fusion
-    from mos.server.local_runner import LocalRunner
-    from mos.server.solver import DEFAULT_EPS
-    from mos.shared.sites import input_sites
+    from mos.shared.fusion.driver import Fusion, run_fusion
+    from mos.shared.fusion.local import LocalRunner
+    from mos.shared.fusion.solver import DEFAULT_EPS
+    from mos.shared.sd.sites import input_sites
 
     src = random_adapter(tiny_base, "x", "toy", seed=5, rank=8)
     run_cli("mos", "import-lora", str(kohya_file(src.lora, tmp_path / "sks.safetensors")), "--trigger", "sks toy",
@@ -127,8 +128,9 @@ def test_imported_kohya_lora_fused_alone_reproduces_its_own_outputs(tiny_base, t
     model = ConceptModel.from_adapter(copy.deepcopy(tiny_base), imp)
     with torch.no_grad():
         torch.testing.assert_close(model.encode(["a photo of <sks_toy>"]), model.encode(["a photo of sks toy"]))
-    fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet), eps=DEFAULT_EPS)
-    fused = run_fusion(LocalRunner(tiny_base, [imp], steps=3, progress=False), fusion)
+    fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet),
+                    FusionConfig(eps=DEFAULT_EPS, sample_steps=3))
+    fused = run_fusion(LocalRunner(tiny_base, [imp], progress=False), fusion)
     res = fused.meta["fusion"]["residuals"]["sks_toy"]
     assert len(res) == 88 and max(res.values()) <= 1e-6
     assert fused.concepts[0].trigger == "sks toy"

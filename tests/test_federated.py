@@ -2,9 +2,10 @@
 ServerApp, ClientApps) on loopback, tiny base, CPU.
 
 Two runs share the assertions the issue asks for (each run costs minutes, so each proves several things):
-  run A  server + alice + bob, plus carol (another base) and dave (a NaN in his stage-1 upload, injected with
-         MOS_TEST_FAULT): carol and dave are rejected and exit non-zero, alice and bob finish with byte-identical
-         adapters that equal the one-machine fusion of the same adapters (float64 Grams: equal to rounding).
+  run A  server + alice + bob, plus carol (another base) and dave (a NaN in his stage-1 upload: the test double
+         tests/doubles/faulty_client.py): carol and dave are rejected and exit non-zero, alice and bob finish with
+         byte-identical adapters that equal the one-machine fusion of the same adapters with the same non-default
+         fusion settings (float64 Grams: equal to rounding).
   run B  TLS + node authentication: mallory (key not registered) is refused; the server is killed after stage 1
          and restarted, and finishes from its state without any client re-tuning or re-uploading; erin is killed
          during query.kv and the round completes without her.
@@ -24,18 +25,21 @@ import pytest
 import torch
 from conftest import DATA, random_adapter
 
-from mos.shared import adapter as adapter_io
-from mos.shared.flower_procs import descendants, free_port
+from mos.shared.formats import adapter as adapter_io
+from mos.shared.federation.flower_procs import descendants, free_port
 
 BIN = Path(sys.executable).parent
+FAULTY_CLIENT = Path(__file__).resolve().parent / "doubles" / "faulty_client.py"
+# Not the defaults: the stage-3 sampling settings must reach the clients through the protocol.
+FUSION_FLAGS = ["--sample-steps", "6", "--sample-seed", "3", "--guidance", "5.0"]
 
 
 def test_server_state_resumes_a_round_and_keeps_finished_concepts(tmp_path, tiny_base):
     """What a restarted server finds: the unfinished round, its concepts with stage-1 statistics; finished
     rounds' concepts in the registry for later rounds."""
     from mos.server.state import ServerState
-    from mos.shared.stats import Gram
-    from mos.shared.wire import adapter_digest
+    from mos.shared.fusion.stats import Gram
+    from mos.shared.federation.wire import adapter_digest
 
     alice = random_adapter(tiny_base, "alice", "doll", 1)
     stats = {"text_encoder.encoder.layers.0.self_attn.qkv": Gram(torch.eye(32, dtype=torch.float64) * 3, 7)}
@@ -128,14 +132,16 @@ def start(parties: list, name: str, args: list[str], folder: Path, env: dict | N
     return p
 
 
-def client(parties, folder: Path, name: str, port: int, *extra: str, env: dict | None = None) -> Party:
+def client(parties, folder: Path, name: str, port: int, *extra: str, fault: str = "") -> Party:
+    """A mos-client; with `fault`, the misbehaving test double instead (tests/doubles/faulty_client.py)."""
     concept = ["--concept", str(DATA / name)] if (DATA / name).is_dir() else ["--concept", str(DATA / "alice")]
-    return start(parties, name, ["mos-client", *concept, "--server", f"127.0.0.1:{port}", "--out",
-                                 str(folder / "out" / name), "--steps", "4", *extra], folder, env)
+    exe = ["python", str(FAULTY_CLIENT), fault] if fault else ["mos-client"]
+    return start(parties, name, [*exe, *concept, "--server", f"127.0.0.1:{port}", "--out",
+                                 str(folder / "out" / name), "--steps", "4", *extra], folder)
 
 
 def saved_adapter(tmp: Path, base_spec: str, name: str, seed: int) -> str:
-    from mos.shared.base import load_base
+    from mos.shared.sd.base import load_base
 
     path = tmp / "adapters" / name
     adapter_io.save(random_adapter(load_base(base_spec), name, "doll", seed), path / adapter_io.FILENAME)
@@ -149,7 +155,7 @@ def assert_same_files(*paths: Path) -> None:
 
 def tuned_adapter(name: str) -> adapter_io.Adapter:
     """The adapter mos-client tuned (and cached) for a demo concept."""
-    from mos.shared.base import mos_home
+    from mos.shared.sd.base import mos_home
 
     found = sorted((mos_home() / "clients").glob(f"{name}-*/{adapter_io.FILENAME}"))
     assert found, f"no cached tuned adapter for {name} under {mos_home() / 'clients'}"
@@ -162,16 +168,17 @@ def test_round_rejects_bad_clients_and_matches_local_fusion(tmp_path, parties):
     carol = saved_adapter(tmp_path, "tiny:1", "carol", 3)   # tuned on another base
     dave = saved_adapter(tmp_path, "tiny", "dave", 4)       # his stage-1 upload gets a NaN
     server = start(parties, "server", ["mos-server", "--port", str(port), "--min-clients", "4", "--stage-timeout",
-                                       "300", "--gram-dtype", "float64", "--out", str(tmp_path / "out" / "server"),
-                                       "--state-dir", str(tmp_path / "state")], tmp_path)
+                                       "300", "--gram-dtype", "float64", *FUSION_FLAGS, "--out",
+                                       str(tmp_path / "out" / "server"), "--state-dir", str(tmp_path / "state")],
+                   tmp_path)
     alice, bob = client(parties, tmp_path, "alice", port), client(parties, tmp_path, "bob", port)
     bad_base = client(parties, tmp_path, "carol", port, "--base", "tiny:1", "--adapter", carol)
-    bad_upload = client(parties, tmp_path, "dave", port, "--adapter", dave, env={"MOS_TEST_FAULT": "nan:1"})
+    bad_upload = client(parties, tmp_path, "dave", port, "--adapter", dave, fault="nan:1")
 
     assert bad_base.wait(600) == 3, bad_base.text()
     assert "same base" in bad_base.text()
     assert bad_upload.wait(600) == 3, bad_upload.text()
-    assert "NaN" in bad_upload.text() and "MOS_TEST_FAULT: corrupted" in bad_upload.text()
+    assert "NaN" in bad_upload.text() and "faulty_client: corrupted" in bad_upload.text()
     assert server.wait(600) == 0, server.text()
     assert alice.wait(300) == 0, alice.text()
     assert bob.wait(300) == 0, bob.text()
@@ -191,10 +198,13 @@ def test_round_rejects_bad_clients_and_matches_local_fusion(tmp_path, parties):
         assert (out / "pipeline" / "model_index.json").is_file() and (out / "preview.png").is_file()
     assert (round_dir / "preview.png").is_file()
 
-    # The one-machine path (`mos fuse`) on the very same adapters gives the same fused adapter.
-    from mos.server.cli_fuse import fuse
+    # The one-machine path (`mos fuse`) on the very same adapters and settings gives the same fused adapter.
+    from mos.shared.fusion.config import FusionConfig
+    from mos.shared.fusion.local import fuse
 
-    local = fuse([tuned_adapter("alice"), tuned_adapter("bob")], "tiny", progress=False)
+    config = FusionConfig(sample_steps=6, sample_seed=3, guidance=5.0, gram_dtype="float64")
+    assert report["config"] == config.as_dict()
+    local = fuse([tuned_adapter("alice"), tuned_adapter("bob")], "tiny", config, progress=False)
     fed = adapter_io.load(round_dir / adapter_io.FILENAME)
     assert sorted(fed.lora) == sorted(local.lora)
     for layer, (B, A) in local.lora.items():
@@ -207,7 +217,7 @@ def test_round_rejects_bad_clients_and_matches_local_fusion(tmp_path, parties):
 
 @pytest.mark.slow
 def test_tls_auth_restart_and_dropout(tmp_path, parties):
-    from mos.shared.tls import make_node_key
+    from mos.shared.federation.tls import make_node_key
 
     port, tls, keys = free_port(), tmp_path / "tls", tmp_path / "keys"
     for name in ("alice", "bob", "erin", "mallory"):
@@ -224,7 +234,7 @@ def test_tls_auth_restart_and_dropout(tmp_path, parties):
     alice = client(parties, tmp_path, "alice", port, *secure("alice"), "--no-pipeline")
     bob = client(parties, tmp_path, "bob", port, *secure("bob"), "--no-pipeline")
     erin = client(parties, tmp_path, "erin", port, *secure("erin"), "--adapter",
-                  saved_adapter(tmp_path, "tiny", "erin", 5), env={"MOS_TEST_FAULT": "slow:2"})
+                  saved_adapter(tmp_path, "tiny", "erin", 5), fault="slow:2")
     mallory = client(parties, tmp_path, "mallory", port, *secure("mallory"), "--adapter",
                      saved_adapter(tmp_path, "tiny", "mallory", 6))
 

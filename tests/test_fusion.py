@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from conftest import random_adapter, run_cli
-from mos.server.fusion import Fusion, FusionError, run_fusion
-from mos.server.local_runner import LocalRunner
-from mos.shared import adapter as adapter_io
-from mos.shared import stages
-from mos.shared.model import ConceptModel
-from mos.shared.sampling import denoise, initial_latents
-from mos.shared.sites import input_sites
-from mos.shared.stats import Gram, StatsRecorder
+from mos.shared.fusion.driver import Fusion, FusionError, run_fusion
+from mos.shared.fusion.local import LocalRunner
+from mos.shared.formats import adapter as adapter_io
+from mos.shared.fusion import stages
+from mos.shared.sd.model import ConceptModel
+from mos.shared.sampling.denoise import denoise
+from mos.shared.sampling.denoise import initial_latents
+from mos.shared.sd.sites import input_sites
+from mos.shared.fusion.stats import Gram, StatsRecorder
+from mos.shared.fusion.config import FusionConfig
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +70,11 @@ def test_kv_statistics_read_concept_tokens_and_end_token_per_layer(tiny_base, al
 
 
 def test_single_concept_fusion_reproduces_its_own_model(tiny_base, alice):
-    from mos.server.solver import DEFAULT_EPS  # the exact (minimum-norm) solve
+    from mos.shared.fusion.solver import DEFAULT_EPS  # the exact (minimum-norm) solve
 
-    fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet), eps=DEFAULT_EPS)
-    result = run_fusion(LocalRunner(tiny_base, [alice], steps=4, progress=False), fusion)
+    fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet),
+                    FusionConfig(eps=DEFAULT_EPS, sample_steps=4))
+    result = run_fusion(LocalRunner(tiny_base, [alice], progress=False), fusion)
     res = result.meta["fusion"]["residuals"]["alice"]
     assert len(res) == 88 and max(res.values()) <= 1e-6
     assert {c.name for c in result.concepts} == {"alice"}
@@ -80,11 +83,11 @@ def test_single_concept_fusion_reproduces_its_own_model(tiny_base, alice):
 def test_two_concepts_staged_and_one_shot(tiny_base, alice, bob):
     sites = input_sites(tiny_base.text_encoder, tiny_base.unet)
     results = {}
-    from mos.server.solver import DEFAULT_EPS
+    from mos.shared.fusion.solver import DEFAULT_EPS
 
     for one_shot in (False, True):
-        fusion = Fusion(tiny_base.fingerprint, sites, eps=DEFAULT_EPS)
-        results[one_shot] = run_fusion(LocalRunner(tiny_base, [alice, bob], steps=4, progress=False), fusion, one_shot)
+        fusion = Fusion(tiny_base.fingerprint, sites, FusionConfig(one_shot=one_shot, eps=DEFAULT_EPS, sample_steps=4))
+        results[one_shot] = run_fusion(LocalRunner(tiny_base, [alice, bob], progress=False), fusion)
     for r in results.values():
         assert sorted(c.name for c in r.concepts) == ["alice", "bob"]
         ranks = r.ranks()
@@ -98,7 +101,7 @@ def test_two_concepts_staged_and_one_shot(tiny_base, alice, bob):
 def _stage1_fusion(base, adapters):
     fusion = Fusion(base.fingerprint, input_sites(base.text_encoder, base.unet))
     runner = LocalRunner(base, adapters, progress=False)
-    for name, (a, stats) in runner.stage1(False).items():
+    for name, (a, stats) in runner.stage1(FusionConfig()).items():
         fusion.add(a)
         fusion.add_stats(name, stats)
     return fusion, runner
@@ -108,7 +111,7 @@ def test_add_then_remove_returns_previous_result(tiny_base, alice, bob):
     fusion, _ = _stage1_fusion(tiny_base, [alice])
     before = fusion.solve(1)
     carol = random_adapter(tiny_base, "carol", "dog", seed=3)
-    stats = LocalRunner(tiny_base, [carol], progress=False).stage1(False)["carol"][1]
+    stats = LocalRunner(tiny_base, [carol], progress=False).stage1(FusionConfig())["carol"][1]
     fusion.add(carol)
     fusion.add_stats("carol", stats)
     assert fusion.solve(1).keys() == before.keys()
@@ -123,12 +126,12 @@ def test_bad_adapters_and_statistics_are_refused_and_change_nothing(tiny_base, a
     before = fusion.solve(1)
     other = copy.copy(bob)
     other.fingerprint = "0" * 32
-    with pytest.raises(FusionError, match="tuned on base"):
+    with pytest.raises(FusionError, match=f"made on base {other.fingerprint}"):
         fusion.add(other)
     with pytest.raises(FusionError, match="two concepts are named 'alice'"):
         fusion.add(alice)
     fusion.add(bob)
-    good = LocalRunner(tiny_base, [bob], progress=False).stage1(False)["bob"][1]
+    good = LocalRunner(tiny_base, [bob], progress=False).stage1(FusionConfig())["bob"][1]
     site = next(iter(good))
     bad_cases = {
         "NaN": {**good, site: Gram(good[site].gram.clone().fill_(float("nan")), good[site].rows)},
@@ -178,23 +181,24 @@ def test_mos_fuse_cli_writes_adapter_report_and_pipeline(tiny_base, alice, bob, 
     # a base mismatch is a clear error before any work
     proc = run_cli("mos", "fuse", str(tmp_path / "alice"), "--out", str(tmp_path / "x"), "--base", "tiny:1",
                    check=False)
-    assert proc.returncode == 2 and "tuned on base" in proc.stderr and not (tmp_path / "x").exists()
+    assert proc.returncode == 2 and "made on base" in proc.stderr and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
 def test_tuned_concepts_gradient_beats_weight_and_staged_not_worse_than_one_shot(tiny_base, tmp_path_factory):
     """The paper's claim on the tiny base: gradient fusion keeps each concept better than weight fusion."""
     from conftest import DATA
-    from mos.client.retention import retention
-    from mos.client.tune import tune
+    from mos.client.evaluation.retention import retention
+    from mos.client.tuning.tune import tune
 
     runs = tmp_path_factory.mktemp("tuned")
     owns = [adapter_io.load(tune(DATA / n, runs / n, base="tiny", steps=60, progress=False)) for n in ("alice", "bob")]
     errors = {}
     for label, method, one_shot in (("staged", "gradient", False), ("one-shot", "gradient", True),
                                      ("weight", "weight", False)):
-        fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet), method)
-        fused = run_fusion(LocalRunner(tiny_base, owns, steps=10, progress=False), fusion, one_shot)
+        fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet),
+                        FusionConfig(method, one_shot, sample_steps=10))
+        fused = run_fusion(LocalRunner(tiny_base, owns, progress=False), fusion)
         errors[label] = retention(tiny_base, fused, owns, steps=6, progress=False)
     print(json.dumps(errors, indent=2))
     for name in ("alice", "bob"):

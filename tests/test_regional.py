@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 
-from mos.shared.concepts import UnknownConceptError
-from mos.shared.model import LayerwiseAttnProcessor
-from mos.shared.regional import RegionalAttnProcessor, denoise_regional, grid_size, make_plan
-from mos.shared.regions import LayoutError, Region, cells, check_handles, load_layout, parse_region
-from mos.shared.sampling import denoise, initial_latents
-from mos.shared.sites import cross_attention_layers
+from mos.shared.sd.concepts import UnknownConceptError
+from mos.shared.sd.model import LayerwiseAttnProcessor
+from mos.shared.sampling.regional import RegionalAttnProcessor, denoise_regional, grid_size, make_plan
+from mos.shared.sampling.layout import LayoutError, Region, cells, check_handles, load_layout, parse_region
+from mos.shared.sampling.denoise import denoise
+from mos.shared.sampling.denoise import initial_latents
+from mos.shared.sd.sites import cross_attention_layers
 
 STEPS = 3
 
@@ -21,10 +22,10 @@ STEPS = 3
 
 def random_concept_adapter(base, names=(("alice", "doll"), ("bob", "robot")), seed=0):
     """A ConceptModel with random layer-wise concepts and a small random LoRA, and its Adapter."""
-    from mos.shared import lora as lora_mod
-    from mos.shared.concepts import Concept
-    from mos.shared.model import ConceptModel
-    from mos.shared.sites import lora_target_layers
+    from mos.shared.sd import lora as lora_mod
+    from mos.shared.sd.concepts import Concept
+    from mos.shared.sd.model import ConceptModel
+    from mos.shared.sd.sites import lora_target_layers
 
     g = torch.Generator().manual_seed(seed)
     model = ConceptModel(base)
@@ -40,7 +41,7 @@ def random_concept_adapter(base, names=(("alice", "doll"), ("bob", "robot")), se
 
 @pytest.fixture(scope="module")
 def model():
-    from mos.shared.base import load_base
+    from mos.shared.sd.base import load_base
 
     m, _ = random_concept_adapter(load_base("tiny"))
     return m
@@ -188,7 +189,7 @@ def _sketch(path, size=(64, 64)):
 
 @torch.no_grad()
 def test_t2i_residuals_follow_the_weight_map(model, tiny_t2i, tmp_path):
-    from mos.shared import t2i
+    from mos.shared.sampling import t2i
 
     base = model.base
     ad = t2i.load_adapter(tiny_t2i, base.unet, base.vae_scale)
@@ -223,7 +224,7 @@ def test_t2i_residuals_follow_the_weight_map(model, tiny_t2i, tmp_path):
 def test_t2i_bad_inputs(model, tiny_t2i, tmp_path):
     from diffusers import T2IAdapter
 
-    from mos.shared import t2i
+    from mos.shared.sampling import t2i
 
     base = model.base
     with pytest.raises(t2i.T2IError, match="48x48"):
@@ -270,7 +271,7 @@ def test_bad_region_strings(text, message):
     ((10, 40, 30, 20), "zero area"),
 ])
 def test_bad_boxes(box, message):
-    from mos.shared.regions import make_box
+    from mos.shared.sampling.layout import make_box
 
     vals, px = make_box(box, "test")
     with pytest.raises(LayoutError, match=message):

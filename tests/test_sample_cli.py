@@ -20,12 +20,12 @@ def workdir(tmp_path_factory):
     """An adapter with two random concepts (alice, bob) and a small random LoRA, a tiny T2I-Adapter, a sketch."""
     from diffusers import T2IAdapter
 
-    from mos.shared import adapter as adapter_mod
-    from mos.shared import lora as lora_mod
-    from mos.shared.base import load_base
-    from mos.shared.concepts import Concept
-    from mos.shared.model import ConceptModel
-    from mos.shared.sites import lora_target_layers
+    from mos.shared.formats import adapter as adapter_mod
+    from mos.shared.sd import lora as lora_mod
+    from mos.shared.sd.base import load_base
+    from mos.shared.sd.concepts import Concept
+    from mos.shared.sd.model import ConceptModel
+    from mos.shared.sd.sites import lora_target_layers
 
     d = tmp_path_factory.mktemp("sample")
     base = load_base("tiny")
@@ -49,7 +49,7 @@ def workdir(tmp_path_factory):
 
 
 def test_sample_end_to_end_and_reproduce(workdir):
-    from mos.shared.cli import main
+    from mos.shared.commands.mos import main
 
     out = workdir / "run" / "duo.png"
     run_cli("mos", "sample", "--adapter", str(workdir / "fused"), "--prompt", "a photo of <alice> and <bob>",
@@ -83,7 +83,7 @@ def test_sample_end_to_end_and_reproduce(workdir):
 
 
 def test_plain_sampling_without_adapter(workdir):
-    from mos.shared.cli import main
+    from mos.shared.commands.mos import main
 
     out = workdir / "plain" / "dog.png"
     assert main(["sample", "--prompt", "a photo of a dog", "--steps", "2", "--size", "64x48", "--out", str(out),
@@ -108,7 +108,7 @@ def test_plain_sampling_without_adapter(workdir):
     (["--prompt", "x", "--size", "60x64"], "multiple of 8"),
 ])
 def test_bad_input_is_one_clear_line(workdir, capsys, extra, message):
-    from mos.shared.cli import main
+    from mos.shared.commands.mos import main
 
     (workdir / "bad.toml").write_text("prompt = 'x'\n[[region]\n")
     subs = {"LAYOUT": str(workdir / "bad.toml"), "SKETCH48": str(workdir / "sketch48.png"),
@@ -131,7 +131,7 @@ def test_bad_input_is_one_clear_line(workdir, capsys, extra, message):
 def test_t2i_flags_pair_adapters_with_conditions():
     from argparse import Namespace
 
-    from mos.shared.cli_sample import t2i_paths
+    from mos.shared.commands.sample import t2i_paths
 
     def ns(adapters, sketch=None, keypose=None):
         return Namespace(t2i_adapter=adapters, sketch=sketch, keypose=keypose)

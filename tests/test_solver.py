@@ -1,4 +1,4 @@
-"""Checks of the closed-form gradient-fusion math in mos.server.solver (CPU, float64, fast)."""
+"""Checks of the closed-form gradient-fusion math in mos.shared.fusion.solver (CPU, float64, fast)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mos.server.solver import (
+from mos.shared.fusion.solver import (
     DEFAULT_EPS,
     LayerTerm,
     SiteSums,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import DATA, run_cli
-from mos.shared import adapter as adapter_io
+from mos.shared.formats import adapter as adapter_io
 
 STEPS = 100
 
@@ -22,8 +22,8 @@ STEPS = 100
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """100 steps on data/alice (with masks, so the attention regulariser runs), checkpoint at 50."""
-    from mos.client.tune import run_tune
-    from mos.shared.base import load_base
+    from mos.client.tuning.tune import run_tune
+    from mos.shared.sd.base import load_base
 
     base = load_base("tiny")
     out = tmp_path_factory.mktemp("alice")
@@ -34,15 +34,15 @@ def tuned(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alice():
-    from mos.client.data import load_concept
+    from mos.client.tuning.data import load_concept
 
     return load_concept(DATA / "alice", 64)
 
 
 def fixed_loss(trainer, data, n: int = 12) -> float:
     """Mean loss over fixed (batch, noise, timestep) draws: the same draws for every model compared."""
-    from mos.client.data import make_batch
-    from mos.client.edlora import compute_loss
+    from mos.client.tuning.data import make_batch
+    from mos.client.tuning.edlora import compute_loss
 
     with torch.no_grad(), trainer.attention_recording():
         return float(np.mean([compute_loss(trainer, make_batch(data, 2, 123, s, 64), s)[0].item()
@@ -53,7 +53,7 @@ def fixed_loss(trainer, data, n: int = 12) -> float:
 
 
 def test_loss_goes_down(tuned):
-    from mos.client.report import initial_state
+    from mos.client.tuning.report import initial_state
 
     hist = tuned.info["loss"]["history"]
     assert len(hist) == STEPS and all(np.isfinite(hist))
@@ -67,7 +67,7 @@ def test_loss_goes_down(tuned):
 
 
 def test_outputs_and_concept_json(tuned):
-    from mos.shared.adapter import load
+    from mos.shared.formats.adapter import load
 
     for f in ("adapter.safetensors", "concept.json", "loss.png", "samples.png"):
         assert (tuned.out / f).is_file(), f
@@ -90,7 +90,7 @@ def test_outputs_and_concept_json(tuned):
 
 
 def test_layer_k_embedding_reaches_only_layer_k(tuned):
-    from mos.shared.sites import cross_attention_layers
+    from mos.shared.sd.sites import cross_attention_layers
 
     model, emb = tuned.trainer.model, tuned.trainer.embedding
     unet = model.base.unet
@@ -128,9 +128,9 @@ def test_layer_k_embedding_reaches_only_layer_k(tuned):
 
 
 def test_save_load_gives_identical_predictions(tuned):
-    from mos.shared.adapter import load
-    from mos.shared.base import load_base
-    from mos.shared.model import ConceptModel
+    from mos.shared.formats.adapter import load
+    from mos.shared.sd.base import load_base
+    from mos.shared.sd.model import ConceptModel
 
     again = ConceptModel.from_adapter(load_base("tiny"), load(tuned.out))
     g = torch.Generator().manual_seed(1)
@@ -144,7 +144,7 @@ def test_save_load_gives_identical_predictions(tuned):
 
 def test_base_weights_and_other_rows_unchanged(tuned):
     """Every base tensor bit-for-bit as loaded: the fingerprint recomputed from the tuned model's base weights."""
-    from mos.shared.base import fingerprint, load_base
+    from mos.shared.sd.base import fingerprint, load_base
 
     fresh = load_base("tiny")
 
@@ -176,8 +176,8 @@ def test_base_weights_and_other_rows_unchanged(tuned):
 
 
 def test_norm_stop_freezes_embeddings(fresh_base, alice):
-    from mos.client.data import make_batch
-    from mos.client.edlora import TuneConfig, make_trainer, train_step
+    from mos.client.tuning.data import make_batch
+    from mos.client.tuning.edlora import TuneConfig, make_trainer, train_step
 
     tr = make_trainer(fresh_base, "alice", "doll", TuneConfig(steps=4, embedding_norm_stop=0.0))
     start = tr.embedding.detach().clone()
@@ -193,9 +193,9 @@ def test_norm_stop_freezes_embeddings(fresh_base, alice):
 
 
 def test_gradient_checkpointing_gives_the_same_step(alice):
-    from mos.client.data import make_batch
-    from mos.client.edlora import TuneConfig, make_trainer, train_step
-    from mos.shared.base import load_base
+    from mos.client.tuning.data import make_batch
+    from mos.client.tuning.edlora import TuneConfig, make_trainer, train_step
+    from mos.shared.sd.base import load_base
 
     out = []
     for gc in (False, True):
@@ -212,8 +212,8 @@ def test_gradient_checkpointing_gives_the_same_step(alice):
 
 def test_interrupted_run_resumes_to_the_same_adapter(tuned, tmp_path):
     """Stopped a few steps past the N/2 checkpoint, then resumed: the same adapter as one run of N steps."""
-    from mos.client.tune import tune
-    from mos.shared.adapter import load
+    from mos.client.tuning.tune import tune
+    from mos.shared.formats.adapter import load
 
     n = 24
 
@@ -241,7 +241,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tuned, tmp_path):
 
 
 def test_finished_run_is_reused_and_other_settings_are_not(tuned, monkeypatch, capsys):
-    import mos.client.tune as tune_mod
+    import mos.client.tuning.tune as tune_mod
 
     def no_tuning(*a, **k):
         raise AssertionError("tuned again")
@@ -256,7 +256,7 @@ def test_finished_run_is_reused_and_other_settings_are_not(tuned, monkeypatch, c
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tuned, tmp_path):
-    from mos.client.tune import tune
+    from mos.client.tuning.tune import tune
 
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):
@@ -270,7 +270,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tuned, tmp_path):
 
 
 def test_empty_missing_and_corrupt_folders(tmp_path):
-    from mos.client.data import load_concept
+    from mos.client.tuning.data import load_concept
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_concept(tmp_path / "nope", 64)
@@ -292,7 +292,7 @@ def test_empty_missing_and_corrupt_folders(tmp_path):
 
 
 def test_corrupt_skipped_non_images_ignored_and_modes_converted(tmp_path, capsys):
-    from mos.client.data import load_concept
+    from mos.client.tuning.data import load_concept
 
     d = tmp_path / "My Concept!"
     d.mkdir()
@@ -326,7 +326,7 @@ def test_corrupt_skipped_non_images_ignored_and_modes_converted(tmp_path, capsys
 
 
 def test_captions_masks_and_digest(tmp_path):
-    from mos.client.data import load_concept, make_batch
+    from mos.client.tuning.data import load_concept, make_batch
 
     d = tmp_path / "c"
     (d / "masks").mkdir(parents=True)
@@ -366,7 +366,7 @@ def test_captions_masks_and_digest(tmp_path):
 
 
 def test_class_word_errors(tmp_path):
-    from mos.client.tune import tune
+    from mos.client.tuning.tune import tune
 
     with pytest.raises(ValueError, match="is 2 tokens"):
         tune(DATA / "alice", tmp_path / "x", steps=1, class_word="teddy bear", progress=False)
@@ -409,7 +409,7 @@ def test_plain_lora_mode_tunes_only_lora_and_its_handle_is_the_trigger(tmp_path)
 
 def test_flipped_crops_get_mirrored_captions():
     """Tuning flips images half the time; a caption that says 'left' must then say 'right', or it lies."""
-    from mos.client.data import ConceptData, Item, make_batch, mirror_caption
+    from mos.client.tuning.data import ConceptData, Item, make_batch, mirror_caption
 
     assert mirror_caption("a <TOK> on the left and a red square on the right") == \
         "a <TOK> on the right and a red square on the left"

@@ -1,4 +1,4 @@
-"""The wire format and the checks on every upload (mos.shared.wire), without Flower processes."""
+"""The wire format and the checks on every upload (mos.shared.federation.wire), without Flower processes."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from mos.protos import mos_pb2 as pb
-from mos.shared import wire
-from mos.shared.stats import Gram
-from mos.shared.wire import WireError
+from mos.shared.federation import wire
+from mos.shared.fusion.stats import Gram
+from mos.shared.federation.wire import WireError
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_cached_concept_sends_the_manifest_only(manifest, alice):
 
 def test_trigger_word_concept_travels_up_and_down(tiny_base, manifest):
     """A concept imported from a plain LoRA (no tokens, trigger words) crosses the wire both ways, checked."""
-    from mos.shared.concepts import Concept
+    from mos.shared.sd.concepts import Concept
 
     imp = random_adapter(tiny_base, "sks_toy", "toy", seed=9)
     imp.concepts = [Concept("sks_toy", "", torch.zeros(16, 0, 32), "sks toy")]
@@ -238,7 +238,7 @@ def test_oversized_or_broken_blob_is_refused_before_decoding(tiny_base, manifest
 def test_adapter_from_another_base_or_with_bad_layers_is_refused(tiny_base, manifest, alice):
     other = random_adapter(tiny_base, "alice", "doll", 1)
     other.fingerprint = "f" * 32
-    with pytest.raises(WireError, match="tuned on base f+.*same base"):
+    with pytest.raises(WireError, match="made on base f+.*same base"):
         wire.decode_concept(wire.encode_concept(RecordDict(), other), manifest, "node 3")
     layer = sorted(alice.lora)[0]
     bad = random_adapter(tiny_base, "alice", "doll", 1)
@@ -264,7 +264,7 @@ def test_adapter_from_another_base_or_with_bad_layers_is_refused(tiny_base, mani
 
 def test_a_bad_upload_does_not_touch_the_fusion(tiny_base, manifest):
     """Decode-then-add: the refused client's Grams never reach the running sums, so the result is unchanged."""
-    from mos.server.fusion import Fusion
+    from mos.shared.fusion.driver import Fusion
 
     a, b = random_adapter(tiny_base, "alice", "doll", 1), random_adapter(tiny_base, "bob", "robot", 2)
 

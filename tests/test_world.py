@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mos.shared import base as base_mod
-from mos.shared import world
+from mos.shared.sd import base as base_mod
+from mos.shared.world import scenes as world
 
 
 def test_scenes_are_deterministic_and_captions_state_only_true_facts():
@@ -58,8 +58,8 @@ def test_world_base_loads_from_packaged_weights(tmp_path, monkeypatch):
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mos.shared import architectures
-    from mos.shared.sites import cross_attention_layers
+    from mos.shared.sd import architectures
+    from mos.shared.sd.sites import cross_attention_layers
 
     cfg = architectures.world()
     monkeypatch.setattr(base_mod, "WORLD_WEIGHTS", tmp_path)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import DATA, run_cli
-from mos.client import judge as judge_mod
-from mos.shared import world
+from mos.shared.world import judge as judge_mod
+from mos.shared.world import scenes as world
 
 
 def random_judge(path):
@@ -23,8 +23,8 @@ def random_judge(path):
 
 
 def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_path, monkeypatch):
-    from mos.client import tune as tune_mod
-    from mos.client import world_eval as we
+    from mos.client.tuning import tune as tune_mod
+    from mos.client.evaluation import world as we
 
     s = we.Settings(DATA, tmp_path / "work", tune_steps=2, images=2, sample_steps=2, fusion_steps=2)
     judge = random_judge(tmp_path / "judge.safetensors")
@@ -42,7 +42,7 @@ def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_pat
 
     # the second run tunes and fuses nothing, and measures the same (everything is seeded)
     monkeypatch.setattr(tune_mod, "make_trainer", lambda *a, **k: pytest.fail("tuned again"))
-    monkeypatch.setattr("mos.server.cli_fuse.fuse", lambda *a, **k: pytest.fail("fused again"))
+    monkeypatch.setattr("mos.shared.fusion.local.fuse", lambda *a, **k: pytest.fail("fused again"))
     again, _ = we.evaluate(s, "tiny", judge)
     assert again == r
 
@@ -54,9 +54,9 @@ def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_pat
 
 
 def test_eval_world_base_only_tunes_nothing_and_writes_json_alone(tmp_path, monkeypatch):
-    from mos.client import world_eval as we
+    from mos.client.evaluation import world as we
 
-    monkeypatch.setattr("mos.client.world_eval.tune_all", lambda *a, **k: pytest.fail("tuned"))
+    monkeypatch.setattr("mos.client.evaluation.world.tune_all", lambda *a, **k: pytest.fail("tuned"))
     s = we.Settings(DATA, tmp_path / "work", images=1, sample_steps=2)
     r, pictures = we.evaluate(s, "tiny", random_judge(tmp_path / "judge.safetensors"), base_only=True)
     assert set(r) == {"settings", "base", "base_fingerprint", "base_alone"} and pictures == {}
@@ -69,9 +69,9 @@ def test_eval_world_base_only_tunes_nothing_and_writes_json_alone(tmp_path, monk
 def test_world_base_draws_the_shape_colour_and_place_a_prompt_names(tmp_path):
     # the shipped weights: 1.00 on these 8 prompts (the H100-only base before them 0.88, and 22/24 on others; the
     # CPU-only base before that 3/24) — a base that stops following prompts fails here
-    from mos.client import world_eval as we
-    from mos.shared.base import load_base
-    from mos.shared.model import ConceptModel
+    from mos.client.evaluation import world as we
+    from mos.shared.sd.base import load_base
+    from mos.shared.sd.model import ConceptModel
 
     s = we.Settings(DATA, tmp_path, images=8)
     assert we.prompt_following(ConceptModel(load_base("world")), judge_mod.Judge(), s) >= 0.75

@@ -1,8 +1,8 @@
-"""ServerApp entry point: the logic is mos.server.app.main in the installed package."""
+"""ServerApp entry point: the logic is mos.server.server_app.main in the installed package."""
 
 from flwr.serverapp import ServerApp
 
-from mos.server.app import main
+from mos.server.server_app import main
 
 app = ServerApp()
 app.main()(main)

@@ -1,0 +1,70 @@
+"""`mos tune --concept DIR --out DIR`: one concept's ED-LoRA on this machine."""
+
+from __future__ import annotations
+
+import sys
+
+from mos.shared.commands.base import add_base_options
+
+
+HELP = "tune one concept's ED-LoRA"
+
+
+def register(sub) -> None:
+    from mos.client.tuning.settings import CHECKPOINT_EVERY, DEFAULT_PASSES, STEP_CAP
+
+    p = sub.add_parser("tune", help=HELP, description=(
+        "Tune a concept's ED-LoRA (two layer-wise tokens + LoRA) from a folder of images with optional "
+        "<stem>.txt captions (<TOK> marks the concept), masks/<stem>.png and concept.toml (name, class_word). "
+        "A finished output folder with the same data, settings and base is reused as it is."))
+    p.add_argument("--concept", required=True, help="concept folder")
+    p.add_argument("--out", required=True, help="output folder (adapter.safetensors, concept.json, loss.png, "
+                   "samples.png)")
+    add_base_options(p)
+    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default: {DEFAULT_PASSES} passes over "
+                   f"the images at the batch size, at most {STEP_CAP['cpu']} on a CPU, {STEP_CAP['cuda']} on a GPU)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--class-word", default=None, help="class word that initialises the second token (one token: "
+                   "dog, woman, toy...; default: class_word in concept.toml)")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw: same seed, same adapter (default 0)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
+    p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, help="steps between checkpoints "
+                   f"(default {CHECKPOINT_EVERY}; 0: none)")
+    p.add_argument("--plain", nargs="?", const="", default=None, metavar="TRIGGER",
+                   help="a plain LoRA instead of ED-LoRA (the paper's baseline): no concept tokens, the handle "
+                   "stands for trigger words (default 'sks CLASS_WORD')")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory (large bases)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from mos.client.tuning.data import image_files
+
+    image_files(args.concept)  # a missing or empty folder is reported before the heavy imports
+    from mos.client.tuning.tune import tune
+
+    trigger = ""
+    if args.plain is not None:
+        from pathlib import Path
+
+        from mos.client.tuning.data import read_toml
+        from mos.client.tuning.edlora import plain_trigger
+
+        trigger = args.plain or plain_trigger(args.class_word or read_toml(Path(args.concept)).get("class_word") or "")
+    try:
+        out = tune(args.concept, args.out, base=args.base, steps=args.steps, rank=args.rank,
+                   class_word=args.class_word, resume=args.resume, seed=args.seed, batch_size=args.batch_size,
+                   checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
+                   gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress,
+                   trigger=trigger.strip())
+    except FloatingPointError as e:  # diverged: say so in one line, the checkpoint is kept
+        print(f"mos tune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nmos tune: interrupted; `mos tune ... --resume` continues from the last checkpoint in {args.out}",
+              file=sys.stderr)
+        return 130
+    print(out)
+    return 0

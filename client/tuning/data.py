@@ -1,0 +1,258 @@
+"""A concept folder: images, captions, masks and concept.toml, read once; augmented batches drawn per step.
+
+    data/alice/
+        00.png  00.txt        caption with <TOK> where the concept goes (optional)
+        masks/00.png          white where the concept is (optional)
+        concept.toml          name = "alice", class_word = "doll" (optional)
+
+Every random choice of a step (which images, crop, flip) comes from a generator seeded by (seed, step), so a
+resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from mos.shared.sd.concepts import HANDLE
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+TOKEN = "<TOK>"
+TEMPLATE = f"a photo of {TOKEN}"
+MAX_ASPECT = 2.0          # longer images are centre-cropped to 2:1 before anything else
+CROP_SCALE = (0.5, 1.0)   # random resized crop: fraction of the short side's square area kept
+
+
+@dataclass
+class Item:
+    stem: str
+    image: torch.Tensor          # uint8 [3, H, W]
+    caption: str                 # with <TOK> where the concept goes
+    mask: torch.Tensor | None    # bool [H, W], or None
+
+
+@dataclass
+class ConceptData:
+    folder: Path
+    name: str
+    class_word: str | None
+    items: list[Item]
+    digest: str
+    skipped: list[str] = field(default_factory=list)  # "file: reason" of unreadable images
+
+    @property
+    def has_masks(self) -> bool:
+        return any(it.mask is not None for it in self.items)
+
+    def captions(self, handle: str) -> list[str]:
+        return [it.caption.replace(TOKEN, handle) for it in self.items]
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def sanitize_name(raw: str) -> str:
+    """A handle-safe concept name: lower-case [a-z0-9_-], starting with a letter or digit."""
+    name = re.sub(r"[^a-z0-9_-]+", "_", raw.strip().lower()).strip("_-")
+    return name or "concept"
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB whatever the source: EXIF rotation applied, alpha composited on white, 16-bit scaled down."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def fit_size(img: Image.Image, resolution: int, resample: int) -> Image.Image:
+    """Short side within [resolution, 2·resolution]; aspect at most MAX_ASPECT (centre crop)."""
+    w, h = img.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        cw, ch = (min(w, int(MAX_ASPECT * h)), h) if w > h else (w, min(h, int(MAX_ASPECT * w)))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        img = img.crop((left, top, left + cw, top + ch))
+        w, h = img.size
+    short = min(w, h)
+    target = min(max(short, resolution), 2 * resolution)
+    if target != short:
+        img = img.resize((max(1, round(w * target / short)), max(1, round(h * target / short))), resample)
+    return img
+
+
+def read_image(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def read_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    with Image.open(path) as m:
+        m.load()
+        m = ImageOps.exif_transpose(m)
+        if m.mode.startswith("I") or m.mode == "F":  # 16-bit: scale like images
+            m = to_rgb(m)
+        m = m.convert("L")  # alpha is ignored: a mask is its grey level
+    return m if m.size == size else m.resize(size, Image.NEAREST)
+
+
+def read_caption(path: Path) -> str:
+    """The caption with exactly the concept's <TOK>; other <handles> lose their brackets."""
+    if not path.is_file():
+        return TEMPLATE
+    text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
+    if not text:
+        return TEMPLATE
+    parts = [HANDLE.sub(r"\1", p) for p in text.split(TOKEN)]
+    text = TOKEN.join(parts)
+    return text if TOKEN in text else f"{TOKEN}, {text}"
+
+
+def read_toml(folder: Path) -> dict:
+    f = folder / "concept.toml"
+    if not f.is_file():
+        return {}
+    try:
+        return tomllib.loads(f.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{f}: not valid TOML ({e})") from e
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The folder's image files by suffix (cheap: run before loading a base to fail fast)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"concept folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"concept folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def load_concept(folder: str | Path, resolution: int, class_word: str | None = None) -> ConceptData:
+    """Read a concept folder; bad files are skipped with a warning, no usable image is an error."""
+    folder = Path(folder)
+    files = image_files(folder)
+    meta = read_toml(folder)
+    h = hashlib.sha256(b"mos-concept-data/1\n")
+    items, skipped = [], []
+    for path in files:
+        try:
+            img = read_image(path)
+        except Exception as e:  # PIL raises many types for broken files
+            skipped.append(f"{path.name}: {type(e).__name__}: {e}")
+            continue
+        mask = None
+        mask_path = folder / "masks" / f"{path.stem}.png"
+        if mask_path.is_file():
+            try:
+                mask = read_mask(mask_path, img.size)
+            except Exception as e:
+                warn(f"{mask_path}: unreadable mask, image used without it ({type(e).__name__})")
+                mask_path = None
+        caption = read_caption(path.with_suffix(".txt"))
+        pixels = torch.from_numpy(np.array(fit_size(img, resolution, Image.BICUBIC))).permute(2, 0, 1).contiguous()
+        if mask is not None:
+            mask = torch.from_numpy(np.array(fit_size(mask, resolution, Image.NEAREST)) >= 128)
+            if not mask.any():  # an empty mask would tell the loss to ignore the whole image
+                warn(f"{mask_path}: mask is empty, image used without it")
+                mask = None
+        items.append(Item(path.stem, pixels, caption, mask))
+        h.update(f"{path.name}\n".encode() + path.read_bytes() + f"\n{caption}\n".encode())
+        h.update(mask_path.read_bytes() if mask is not None else b"-")
+    if skipped:
+        warn(f"skipped {len(skipped)} unreadable image(s) in {folder}: " + "; ".join(skipped))
+    if not items:
+        raise ValueError(f"concept folder {folder}: none of its {len(files)} image(s) could be read")
+    name = sanitize_name(str(meta.get("name") or folder.resolve().name))
+    cw = class_word or meta.get("class_word")
+    return ConceptData(folder, name, str(cw).strip() if cw else None, items, h.hexdigest()[:32], skipped)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+def seeded(seed: int, what: str, n: int) -> torch.Generator:
+    """A CPU generator for one named draw; independent of every other (seed, what, n)."""
+    digest = hashlib.sha256(f"{seed}/{what}/{n}".encode()).digest()
+    return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def batch_indices(n_items: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Images of a step: a fresh permutation per pass over the data, read as one endless stream."""
+    out, perms = [], {}
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch = pos // n_items
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_items, generator=seeded(seed, "epoch", epoch)).tolist()
+        out.append(perms[epoch][pos % n_items])
+    return out
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the left-right mirrored picture: 'left' and 'right' trade places."""
+    return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
+def random_crop(image: torch.Tensor, mask: torch.Tensor | None, size: int, g: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """A random square (CROP_SCALE of the short side's area) resized to size², flipped half the time; the last
+    value says whether it was flipped."""
+    _, h, w = image.shape
+    u = torch.empty(3).uniform_(generator=g).tolist()
+    area = CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[0]
+    side = max(1, round(min(h, w) * area ** 0.5))
+    top, left = round((h - side) * u[1]), round((w - side) * u[2])
+    flip = bool(torch.rand(1, generator=g) < 0.5)
+    crop = image[None, :, top:top + side, left:left + side].float()
+    out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+    out = (out / 127.5 - 1.0).clamp(-1, 1)
+    m = None
+    if mask is not None:
+        mc = mask[None, None, top:top + side, left:left + side].float()
+        m = F.interpolate(mc, size=(size, size), mode="area" if side > size else "nearest")[0]
+    if flip:
+        out = out.flip(-1)
+        m = None if m is None else m.flip(-1)
+    return out, m, flip
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor     # [B, 3, S, S] in [-1, 1]
+    masks: torch.Tensor      # [B, 1, S, S] in [0, 1]; ones where an image has no mask
+    has_mask: torch.Tensor   # bool [B]
+    captions: list[str]      # with <TOK>
+
+
+def make_batch(data: ConceptData, batch_size: int, seed: int, step: int, size: int) -> Batch:
+    g = seeded(seed, "crop", step)
+    idx = batch_indices(len(data.items), batch_size, seed, step)
+    pixels, masks, has, captions = [], [], [], []
+    for i in idx:
+        it = data.items[i]
+        px, m, flipped = random_crop(it.image, it.mask, size, g)
+        pixels.append(px)
+        masks.append(m if m is not None else torch.ones(1, size, size))
+        has.append(m is not None)
+        captions.append(mirror_caption(it.caption) if flipped else it.caption)
+    return Batch(torch.stack(pixels), torch.stack(masks), torch.tensor(has), captions)

@@ -1,0 +1,284 @@
+"""ED-LoRA (Mix-of-Show, DESIGN §1): a concept's layer-wise token embeddings plus LoRA, and one training step.
+
+`train_step` is the only implementation of a step: `tune()` and `bench/tune_step.py` both call it. With
+layer-wise ids [B, L, 77] it is an ED-LoRA step (16 text-encoder passes, 4-D conditioning); with ids [B, 77] it is
+a plain LoRA step on the same model (one pass, 3-D conditioning), which is what the benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from mos.shared.sd import lora as lora_mod
+from mos.shared.sd.base import Base
+from mos.shared.sd.concepts import Concept
+from mos.shared.sd.model import ConceptModel
+from mos.shared.sd.sites import lora_target_layers
+
+from mos.client.tuning.attention_reg import AttentionRecorder, attention_loss, recording
+from mos.client.tuning.data import Batch, seeded
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Everything that decides what a tuning run computes (it is part of the adapter cache key)."""
+
+    steps: int
+    rank: int = 4
+    batch_size: int = 2
+    seed: int = 0
+    lr_embedding: float = 1e-3
+    lr_text_encoder: float = 1e-5
+    lr_unet: float = 1e-4
+    weight_decay: float = 0.01
+    noise_offset: float = 0.01
+    embedding_norm_stop: float = 0.55
+    attention_reg: float = 0.01
+    init_std: float = 0.013
+    trigger: str = ""  # plain LoRA: no concept tokens, the handle stands for these words (the paper's LoRA baseline)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    mse: float
+    attention: float
+    embedding_norm: float
+    embedding_frozen: bool
+
+
+@dataclass
+class Trainer:
+    """A ConceptModel being tuned: its trainable tensors, optimiser, noise schedule and step state."""
+
+    model: ConceptModel
+    concept: Concept
+    config: TuneConfig
+    embedding: torch.nn.Parameter
+    lora: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]  # layer -> (A, B) as peft holds them
+    optimizer: torch.optim.AdamW
+    noise: DDPMScheduler
+    scaler: torch.amp.GradScaler
+    recorder: AttentionRecorder | None = None
+    embedding_frozen: bool = False
+    embedding_frozen_at: int | None = None  # the step after which embeddings stopped changing
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def base(self) -> Base:
+        return self.model.base
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Stable names for checkpoints: `embedding`, `lora.<layer>.A`, `lora.<layer>.B`."""
+        out = {"embedding": self.embedding}
+        for layer, (A, B) in self.lora.items():
+            out[f"lora.{layer}.A"], out[f"lora.{layer}.B"] = A, B
+        return out
+
+    def freeze_embedding(self, step: int | None) -> None:
+        self.embedding.requires_grad_(False)
+        self.embedding.grad = None
+        self.embedding_frozen = True
+        self.embedding_frozen_at = step
+
+    def autocast(self):
+        dt = self.base.dtype
+        if dt == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.base.device.type, dtype=dt)
+
+    @contextlib.contextmanager
+    def attention_recording(self):
+        """Record concept-token attention (for the mask regulariser) while inside; stock processors after."""
+        with recording(self.base.unet) as rec:
+            self.recorder = rec
+            try:
+                yield rec
+            finally:
+                self.recorder = None
+
+
+def plain_trigger(class_word: str) -> str:
+    """The plain-LoRA baseline's trigger words: a rare token before the class word, as DreamBooth writes it."""
+    return f"sks {class_word}".strip()
+
+
+def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
+                 gradient_checkpointing: bool = False) -> Trainer:
+    """Add the concept (token a random σ=init_std, token b = class word, per layer) and rank-r LoRA to `base`.
+    With config.trigger, a plain LoRA: the concept has no tokens, its handle stands for the trigger words."""
+    model = ConceptModel(base)
+    g = seeded(config.seed, "init", 0)
+    if config.trigger:
+        empty = torch.zeros(model.n_layers, 0, base.text_encoder.config.hidden_size)
+        concept = Concept(name, class_word, empty, trigger=config.trigger)
+    else:
+        concept = Concept(name, class_word, model.prompts.init_embeddings(class_word, g, config.init_std))
+    embedding = model.prompts.add(concept, trainable=not config.trigger)
+    layers = lora_target_layers(base.text_encoder, base.unet)
+    lora_mod.inject(model.models, {layer: config.rank for layer in layers})
+    lora = init_lora(model.models, g)
+    embedding.requires_grad_(not config.trigger)  # peft's injection froze every non-LoRA parameter, these rows too
+    groups = [
+        *([] if config.trigger else [{"params": [embedding], "lr": config.lr_embedding, "name": "embedding"}]),
+        {"params": [p for layer, ab in lora.items() if layer.startswith("text_encoder.") for p in ab],
+         "lr": config.lr_text_encoder, "name": "text_encoder"},
+        {"params": [p for layer, ab in lora.items() if layer.startswith("unet.") for p in ab],
+         "lr": config.lr_unet, "name": "unet"},
+    ]
+    for grp in groups:
+        grp["initial_lr"] = grp["lr"]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    if gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        te = base.text_encoder
+        (te.activation_checkpointing_enable if hasattr(te, "activation_checkpointing_enable")
+         else te.gradient_checkpointing_enable)()  # transformers 5 renamed it
+        te.train()  # transformers checkpoints only in train mode; CLIP has no dropout to wake
+    sched_cfg = {k: v for k, v in base.scheduler_config.items() if not k.startswith("_")}
+    scaler = torch.amp.GradScaler(base.device.type, enabled=base.dtype == torch.float16)
+    trainer = Trainer(model, concept, config, embedding, lora, optimizer, DDPMScheduler.from_config(sched_cfg),
+                      scaler)
+    if config.trigger:
+        trainer.freeze_embedding(None)  # nothing to tune but the LoRA
+    return trainer
+
+
+def init_lora(models: dict[str, torch.nn.Module], g: torch.Generator
+              ) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """fp32 LoRA weights, A drawn on the CPU from `g` (peft's init draws from the global, device-specific RNG).
+
+    A ~ U(±1/sqrt(d_in)) is peft's kaiming-uniform(a=√5) bound; B = 0, so tuning starts at the base model.
+    """
+    out = {}
+    with torch.no_grad():
+        for layer, m in sorted(lora_mod.lora_layers(models).items()):
+            la, lb = m.lora_A[lora_mod.ADAPTER], m.lora_B[lora_mod.ADAPTER]
+            la.float(), lb.float()
+            bound = 1.0 / math.sqrt(la.weight.shape[1])
+            la.weight.copy_((torch.rand(la.weight.shape, generator=g) * 2 - 1) * bound)
+            lb.weight.zero_()
+            la.weight.requires_grad_(True)
+            lb.weight.requires_grad_(True)
+            out[layer] = (la.weight, lb.weight)
+    return out
+
+
+def token_ids(trainer: Trainer, captions: list[str], layerwise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, positions): ids [B, L, 77] (layer-wise) or [B, 77] (plain: token a only, layer 0's row);
+    positions [B, 2] of the concept's tokens a and b (for the attention regulariser)."""
+    prompts = trainer.model.prompts
+    handle = trainer.concept.handle
+    texts = [c.replace("<TOK>", handle) for c in captions]
+    ids = prompts.layerwise_ids(texts)  # [B, L, n]
+    if trainer.concept.trigger:  # the same ids in every layer; the regulariser watches the first two trigger tokens
+        mask = prompts.concept_mask(texts)
+        first = mask.int().argmax(1)
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+        return (ids if layerwise else ids[:, 0]), torch.stack([first, torch.minimum(first + 1, last)], 1)
+    emb = prompts.embedding
+    c = prompts.table_index(trainer.concept.name)
+    rows = torch.tensor([emb.row(c, 0, 0), emb.row(c, 0, 1)])
+    first = ids[:, 0]
+    hit = first[:, :, None] == rows  # [B, n, 2]
+    positions = torch.where(hit.any(1), hit.int().argmax(1), 0)
+    if layerwise:
+        return ids, positions
+    # plain LoRA: drop token b, pad at the end so the length stays the same
+    pad = prompts.tokenizer.pad_token_id
+    plain = [torch.cat([r[r != rows[1]], torch.full((int((r == rows[1]).sum()),), pad)]) for r in first]
+    return torch.stack(plain), positions
+
+
+def set_learning_rates(trainer: Trainer, step: int) -> None:
+    """Linear decay from each group's initial rate to zero at the last step."""
+    factor = max(0.0, 1.0 - step / max(1, trainer.config.steps))
+    for grp in trainer.optimizer.param_groups:
+        grp["lr"] = grp["initial_lr"] * factor
+
+
+def train_step(trainer: Trainer, batch: Batch, step: int, layerwise: bool = True,
+               use_masks: bool = True) -> StepStats:
+    """One optimiser step on `batch`; every random draw comes from (seed, step)."""
+    set_learning_rates(trainer, step)
+    loss, mse, reg = compute_loss(trainer, batch, step, layerwise, use_masks)
+    trainer.scaler.scale(loss).backward()
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    norm = embedding_norm(trainer)
+    if not trainer.embedding_frozen and norm >= trainer.config.embedding_norm_stop:
+        trainer.freeze_embedding(step + 1)  # the reference stops embedding updates here: larger norms drown prompts
+    value = float(loss.detach())
+    trainer.losses.append(value)
+    return StepStats(value, float(mse.detach()), float(reg.detach()), norm, trainer.embedding_frozen)
+
+
+def embedding_norm(trainer: Trainer) -> float:
+    """Mean norm of the concept's token embeddings (0 for a plain LoRA, which has none)."""
+    with torch.no_grad():
+        return float(trainer.embedding.norm(dim=-1).mean()) if trainer.embedding.numel() else 0.0
+
+
+def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = True, use_masks: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, mse, attention regulariser) of the model on `batch` with the noise and timesteps of `step`."""
+    cfg, base = trainer.config, trainer.base
+    dev, unet, vae = base.device, base.unet, base.vae
+    g = seeded(cfg.seed, "noise", step)
+    ids, positions = token_ids(trainer, batch.captions, layerwise)
+    masked = use_masks and bool(batch.has_mask.any()) and trainer.recorder is not None
+
+    with torch.no_grad():
+        dist = vae.encode(batch.pixels.to(dev, vae.dtype)).latent_dist
+        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dev, dist.mean.dtype)
+        latents = latents.float() * vae.config.scaling_factor
+    b, ch = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=g) + cfg.noise_offset * torch.randn((b, ch, 1, 1), generator=g)
+    t = torch.randint(0, trainer.noise.config.num_train_timesteps, (b,), generator=g)
+    noise, t = noise.to(dev), t.to(dev)
+    noisy = trainer.noise.add_noise(latents, noise, t)
+    target = prediction_target(trainer, latents, noise, t)
+
+    if trainer.recorder is not None:
+        trainer.recorder.start(positions if masked else None)
+    with trainer.autocast():
+        hidden = base.text_encoder(ids.reshape(-1, ids.shape[-1]).to(dev)).last_hidden_state
+        cond = hidden.view(b, -1, *hidden.shape[1:]) if layerwise else hidden
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+    err = (pred.float() - target.float()) ** 2
+    if masked:
+        mse = masked_mse(err, batch.masks.to(dev), batch.has_mask.to(dev))
+        reg = attention_loss(trainer.recorder.take(), batch.masks, batch.has_mask)
+    else:
+        mse, reg = err.mean(), err.new_zeros(())
+    return mse + cfg.attention_reg * reg, mse, reg
+
+
+def prediction_target(trainer: Trainer, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    kind = trainer.base.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return trainer.noise.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"base has prediction_type {kind!r}: tuning supports epsilon, v_prediction and sample")
+
+
+def masked_mse(err: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of `err` weighted by the mask at latent size; a crop that missed the mask counts whole."""
+    w = F.interpolate(masks.float(), size=err.shape[-2:], mode="area")
+    empty = w.sum((1, 2, 3)) < 1.0
+    w = torch.where((has_mask & ~empty)[:, None, None, None], w, torch.ones_like(w))
+    per = (err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * err.shape[1])
+    return per.mean()

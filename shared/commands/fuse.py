@@ -1,0 +1,47 @@
+"""`mos fuse runs/alice runs/bob --out fused/`: gradient fusion on one machine, same stages as the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mos.shared.commands.base import add_base_options
+from mos.shared.fusion.config import FUSION_EPS, METHODS
+
+
+HELP = "fuse concepts' adapters on one machine"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fuse", help=HELP)
+    p.add_argument("adapters", nargs="+", help="tuned concept folders (or adapter.safetensors files)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--one-shot", action="store_true", help="all statistics from each concept's own model, one pass")
+    p.add_argument("--method", choices=METHODS, default="gradient", help="gradient fusion, or the paper's weight-"
+                   "fusion baseline (LoRA deltas averaged)")
+    p.add_argument("--pipeline", action="store_true", help="also write a diffusers pipeline folder (OUT/pipeline)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps for spatial statistics (stage 3)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the stage-3 sampling (default 0)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance of the stage-3 sampling (default 7.5)")
+    p.add_argument("--eps", type=float, default=FUSION_EPS, help=f"ridge factor ε (λ = ε·tr(ΣG)/d; default {FUSION_EPS:g})")
+    add_base_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from mos.shared.formats import adapter as adapter_io
+    from mos.shared.fusion.config import FusionConfig
+    from mos.shared.fusion.local import fuse, write_result
+
+    config = FusionConfig(args.method, args.one_shot, args.eps, args.steps, args.sample_seed, args.guidance)
+    adapters = [adapter_io.load(p) for p in args.adapters]
+    result = fuse(adapters, args.base, config, args.device, args.dtype)
+    out = Path(args.out)
+    write_result(result, out)
+    print(f"fused {', '.join(c.handle for c in result.concepts)} ({args.method}"
+          f"{', one-shot' if args.one_shot else ''}) -> {out / adapter_io.FILENAME}")
+    if args.pipeline:
+        from mos.shared.sd.base import load_base as fresh
+        from mos.shared.formats.export import write_pipeline
+
+        print(f"pipeline -> {write_pipeline(fresh(args.base, args.device, args.dtype), result, out / 'pipeline')}")
+    return 0

@@ -1,0 +1,79 @@
+"""Input-activation statistics: one Gram matrix XᵀX (float64) and a row count per input site.
+
+Forward pre-hooks on the first LoRA'd layer of each site see exactly the tensor every layer of that site reads
+(peft's wrapper passes its input to the base layer unchanged). Only the running sums are kept, never activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mos.shared.sd.sites import Site
+
+
+@dataclass
+class Gram:
+    gram: torch.Tensor  # float64 [d, d]
+    rows: int
+
+    def add_rows(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.gram.device, torch.float64)
+        self.gram.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+    def cpu(self) -> "Gram":
+        return Gram(self.gram.cpu(), self.rows)
+
+
+Stats = dict[str, Gram]
+
+
+def empty(dim: int, device: torch.device | str = "cpu") -> Gram:
+    return Gram(torch.zeros(dim, dim, dtype=torch.float64, device=device), 0)
+
+
+class StatsRecorder:
+    """Context manager: accumulate the Gram of every listed site while the models run.
+
+        with StatsRecorder(model.models, sites) as rec:
+            ...forward passes...
+        stats = rec.stats
+    """
+
+    def __init__(self, models: dict[str, torch.nn.Module], sites: list[Site]):
+        self.models = models
+        self.sites = sites
+        self.stats: Stats = {}
+        self._handles: list = []
+
+    def _module(self, layer: str) -> torch.nn.Module:
+        component, _, path = layer.partition(".")
+        return self.models[component].get_submodule(path)
+
+    def __enter__(self) -> "StatsRecorder":
+        for site in self.sites:
+            module = self._module(site.layers[0])
+            device = next(module.parameters()).device
+            gram = self.stats.setdefault(site.name, empty(site.dim, device))
+            self._handles.append(module.register_forward_pre_hook(lambda m, args, g=gram: g.add_rows(args[0])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.stats = {k: v.cpu() for k, v in self.stats.items()}
+
+
+def merge(a: Stats, b: Stats) -> Stats:
+    """Sum two statistics (sites present in either)."""
+    out = {k: Gram(v.gram.clone(), v.rows) for k, v in a.items()}
+    for k, v in b.items():
+        if k in out:
+            out[k].gram += v.gram
+            out[k].rows += v.rows
+        else:
+            out[k] = Gram(v.gram.clone(), v.rows)
+    return out

@@ -1,0 +1,159 @@
+"""T2I-Adapter conditions (sketch, keypose) added to the UNet's down blocks, weighted by a spatial map.
+
+A diffusers `T2IAdapter` turns a condition image into one feature map per UNet down block; each map is multiplied
+by a weight map (a global weight, overridden inside boxes that carry their own weight; overlapping boxes average)
+and the conditions' maps are summed. The sums reach the UNet as `down_intrablock_additional_residuals` through a
+forward pre-hook (`attached`), so the sampling loop needs no change.
+
+An adapter fits a base when its `channels` equal the UNet's `block_out_channels` and its `downscale_factor`
+equals the VAE's (8): SD1.5 takes the stock full adapter; the tiny base takes
+`T2IAdapter(in_channels=3 or 1, channels=[32, 32, 64, 64], num_res_blocks=1, downscale_factor=8)`, whose four
+features (8×8, 4×4, 2×2, 1×1 for a 64 px image) land on the tiny UNet's four down blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mos.shared.sampling.layout import Region, cells
+
+CONDITIONS = ("sketch", "keypose")
+
+
+class T2IError(ValueError):
+    """An adapter or condition image that cannot be used with this base or image size."""
+
+
+def load_adapter(path: str | Path, unet, vae_scale: int, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+    """A diffusers T2IAdapter from a local folder (config.json + safetensors; a .safetensors file beside its
+    config.json works too), checked against the UNet it will feed. Never reads pickle."""
+    from diffusers import T2IAdapter
+
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    if not (folder / "config.json").is_file():
+        raise T2IError(f"T2I-Adapter {path}: expected a diffusers folder with config.json and "
+                       "diffusion_pytorch_model.safetensors")
+    try:
+        adapter = T2IAdapter.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                             torch_dtype=torch.float32)
+    except Exception as e:
+        raise T2IError(f"cannot read T2I-Adapter {folder} ({type(e).__name__}: {e})") from e
+    cfg = adapter.config
+    want = list(unet.config.block_out_channels)
+    if cfg.adapter_type != "full_adapter" or list(cfg.channels) != want or cfg.downscale_factor != vae_scale:
+        raise T2IError(f"T2I-Adapter {folder} ({cfg.adapter_type}, channels {list(cfg.channels)}, downscale "
+                       f"{cfg.downscale_factor}) does not fit this base: it needs a full_adapter with channels "
+                       f"{want} and downscale {vae_scale}")
+    return adapter.requires_grad_(False).eval().to(device or "cpu", dtype or torch.float32)
+
+
+def load_condition(path: str | Path, size: tuple[int, int], channels: int, what: str = "condition") -> torch.Tensor:
+    """[1, channels, H, W] in 0–1, as diffusers' adapter pipeline feeds it. The image must have the output size:
+    a condition drawn for another size would put the pose somewhere else."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} image {p} does not exist")
+    try:
+        img = Image.open(p)
+        img.load()
+    except Exception as e:
+        raise T2IError(f"{what} image {p} is not a readable image ({type(e).__name__})") from None
+    if img.size != tuple(size):
+        raise T2IError(f"{what} image {p} is {img.size[0]}x{img.size[1]}, but the image to draw is "
+                       f"{size[0]}x{size[1]}: draw the condition at the output size (or pass --size)")
+    a = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    a = a[..., None] if a.ndim == 2 else a
+    return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
+
+
+def weight_map(regions: Sequence[Region], h: int, w: int, weight: float) -> torch.Tensor:
+    """[h, w]: `weight` everywhere, the mean of the box weights where boxes with a weight cover a cell."""
+    total, count = torch.zeros(h, w), torch.zeros(h, w)
+    for r in regions:
+        if r.t2i_weight is None:
+            continue
+        r0, r1, c0, c1 = cells(r.box, h, w)
+        total[r0:r1, c0:c1] += r.t2i_weight
+        count[r0:r1, c0:c1] += 1
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full((h, w), float(weight)))
+
+
+@dataclass
+class Condition:
+    kind: str  # sketch | keypose
+    adapter: torch.nn.Module
+    image: torch.Tensor  # [1, C, H, W]
+    weight: float = 1.0
+
+
+@torch.no_grad()
+def residuals(conditions: Sequence[Condition], regions: Sequence[Region] = ()) -> list[torch.Tensor]:
+    """Σ_conditions feature_i × weight map, one [1, C_i, h_i, w_i] tensor per UNet down block."""
+    out: list[torch.Tensor] | None = None
+    for c in conditions:
+        p = next(c.adapter.parameters())
+        feats = c.adapter(c.image.to(p.device, p.dtype))
+        weighted = [f * weight_map(regions, f.shape[-2], f.shape[-1], c.weight).to(f.device, f.dtype) for f in feats]
+        out = weighted if out is None else [a + b for a, b in zip(out, weighted)]
+    return out or []
+
+
+def check_fits(res: Sequence[torch.Tensor], unet, latent_hw: tuple[int, int]) -> None:
+    """Each residual must match its down block's output (channels, size) or the UNet would fail mid-sampling."""
+    h, w = latent_hw
+    chans = list(unet.config.block_out_channels)
+    if len(res) != len(chans):
+        raise T2IError(f"T2I-Adapter gives {len(res)} feature maps, the UNet has {len(chans)} down blocks")
+    for i, (r, c) in enumerate(zip(res, chans)):
+        if tuple(r.shape[1:]) != (c, h, w):
+            raise T2IError(f"T2I-Adapter feature {i} is {tuple(r.shape[1:])}, down block {i} needs {(c, h, w)}")
+        h, w = -(-h // 2), -(-w // 2)
+
+
+@contextlib.contextmanager
+def attached(unet, res: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Feed `res` to every UNet call as down_intrablock_additional_residuals (the UNet pops that list, so each
+    call gets a fresh one, expanded to the call's batch: both halves of a guided batch get the condition)."""
+    if not res:
+        yield
+        return
+
+    def hook(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        kwargs["down_intrablock_additional_residuals"] = [
+            r.to(sample.device, sample.dtype).expand(sample.shape[0], -1, -1, -1) for r in res]
+        return args, kwargs
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def weighted_residuals(conditions: dict[str, tuple[str, str]], base, size: tuple[int, int], regions: list[Region],
+                       weight: float) -> list:
+    """Load each condition's adapter and image (checked against the base and size) and weight their features."""
+    if not conditions:
+        if any(r.t2i_weight is not None for r in regions):
+            print("note: region T2I weights are ignored without --t2i-adapter and a condition image",
+                  file=sys.stderr)
+        return []
+    conds = []
+    for kind, (adapter_path, image_path) in conditions.items():
+        ad = load_adapter(adapter_path, base.unet, base.vae_scale, base.device, base.dtype)
+        image = load_condition(image_path, size, ad.config.in_channels, kind)
+        conds.append(Condition(kind, ad, image, weight))
+    res = residuals(conds, regions)
+    check_fits(res, base.unet, (size[1] // base.vae_scale, size[0] // base.vae_scale))
+    return res
