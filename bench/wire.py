@@ -29,7 +29,7 @@ from flwr.app import RecordDict
 from mos.shared.fusion.driver import Fusion, run_fusion
 from mos.shared.fusion.local import LocalRunner
 from mos.shared.formats import adapter as adapter_io
-from mos.shared.federation import wire
+from mos.shared.federation import gram_codec, wire
 from mos.shared.formats.adapter import Adapter
 from mos.shared.sd.base import load_base
 from mos.shared.sd.concepts import N_TOKENS, Concept
@@ -131,7 +131,7 @@ def compute_sd15(info: dict, tiny_rows: dict[str, int], n: int, dtype: str, scal
         return r * scale if site["stage"] == 3 else r  # k/v rows are text tokens: no image-size factor
 
     def grams(stage: int) -> int:
-        return sum(wire.gram_wire_bytes(s["dim"], rows_of(s), dtype) for s in sites if s["stage"] == stage)
+        return sum(gram_codec.gram_wire_bytes(s["dim"], rows_of(s), dtype) for s in sites if s["stage"] == stage)
 
     def layers(stages: tuple[int, ...]) -> list[tuple[int, int]]:
         return [(s["dim"], l["out_dim"]) for s in sites if s["stage"] in stages for l in s["layers"]]

@@ -7,17 +7,15 @@ import math
 import pytest
 import torch
 
+from mos.shared.fusion.gram import check_gram, pack_sym, unpack_sym
 from mos.shared.fusion.solver import (
     DEFAULT_EPS,
     LayerTerm,
     SiteSums,
-    check_gram,
-    pack_sym,
     residual,
     residual_parts,
     site_residual,
     solve_site,
-    unpack_sym,
     weight_fusion,
 )
 

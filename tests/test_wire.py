@@ -14,7 +14,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from mos.protos import mos_pb2 as pb
-from mos.shared.federation import wire
+from mos.shared.federation import gram_codec, wire
 from mos.shared.fusion.stats import Gram
 from mos.shared.federation.wire import WireError
 
@@ -68,24 +68,24 @@ def test_unknown_protocol_version_is_a_clear_error():
 
 def test_float64_grams_travel_exactly():
     g = gram(32, 100)
-    enc, rank, t = wire.encode_gram(g, "float64")
-    assert enc == pb.PACKED_UPPER and t.numel() == wire.packed_len(32)
-    assert torch.equal(wire.decode_gram(enc, rank, t, 32, 100, "x"), g.gram)
+    enc, rank, t = gram_codec.encode_gram(g, "float64")
+    assert enc == pb.PACKED_UPPER and t.numel() == gram_codec.packed_len(32)
+    assert torch.equal(gram_codec.decode_gram(enc, rank, t, 32, 100, "x"), g.gram)
 
 
 @pytest.mark.parametrize("rows", [5, 31, 200])
 def test_triangular_factor_is_never_larger_than_packed_and_stays_psd(rows):
     d = 64
     g = gram(d, rows, spread=4.0)  # eigenvalues over 8 decades, like real activations
-    enc, rank, t = wire.encode_gram(g, "float32")
+    enc, rank, t = gram_codec.encode_gram(g, "float32")
     assert enc == pb.TRIANGULAR_FACTOR and rank == min(rows, d)
-    assert t.numel() == wire.trapezoid_len(rank, d) <= wire.packed_len(d)
+    assert t.numel() == gram_codec.trapezoid_len(rank, d) <= gram_codec.packed_len(d)
     if rows < d:
-        assert t.numel() < wire.packed_len(d) * 2 * rows / d  # few rows: much smaller than the triangle
-    G = wire.decode_gram(enc, rank, t.float(), d, rows, "x")
+        assert t.numel() < gram_codec.packed_len(d) * 2 * rows / d  # few rows: much smaller than the triangle
+    G = gram_codec.decode_gram(enc, rank, t.float(), d, rows, "x")
     assert float(torch.linalg.eigvalsh(G).min()) >= -1e-12 * float(G.diagonal().max())
     assert float((G - g.gram).abs().max() / g.gram.abs().max()) < 1e-6
-    assert wire.gram_wire_bytes(d, rows, "float32") == t.numel() * 4
+    assert gram_codec.gram_wire_bytes(d, rows, "float32") == t.numel() * 4
 
 
 # ------------------------------------------------------------------------------------------------ round trips
@@ -295,5 +295,5 @@ def test_bench_sizes_match_the_encoder(manifest):
         for rows in (3, site.dim, 4 * site.dim):
             g = gram(site.dim, rows)
             for dtype in ("float32", "float64"):
-                _, _, t = wire.encode_gram(g, dtype)
-                assert t.numel() * wire.DTYPES[dtype] == wire.gram_wire_bytes(site.dim, rows, dtype)
+                _, _, t = gram_codec.encode_gram(g, dtype)
+                assert t.numel() * wire.DTYPES[dtype] == gram_codec.gram_wire_bytes(site.dim, rows, dtype)

@@ -32,12 +32,13 @@ from mos.shared.sd.base import check_same_base
 from mos.shared.sd.lora import Lora
 from mos.shared.sd.sites import Site, cross_attention_layers, input_sites
 from mos.shared.fusion.config import FusionConfig
+from mos.shared.federation.gram_codec import GRAM_DTYPE, GramError, decode_gram, encode_gram
+from mos.shared.fusion.gram import packed_len
 from mos.shared.fusion.stats import Gram, Stats
 
 PROTOCOL_VERSION = 1
 STYPE = "mos.safetensors"
 DTYPES = {"float32": 4, "float64": 8, "uint8": 1}  # what may travel, and its bytes per element
-GRAM_DTYPE = "float32"   # halves the upload against float64; see docs/protocol.md for what it costs
 MAX_RANK = 128           # per layer in one client's adapter (ED-LoRA uses 4; community LoRAs up to 128)
 MAX_ROWS = 1 << 40
 MAX_ADAPTER_FILE = 2 << 30
@@ -178,105 +179,6 @@ def _pack(rd: RecordDict, part: str, msg, tensors: Tensors | None = None, blob: 
 def record_bytes(rd: RecordDict) -> int:
     """Bytes of a message's payload (manifests and tensors), for progress lines and the bench."""
     return sum(r.count_bytes() for r in rd.values())
-
-
-# ------------------------------------------------------------------------------------------------ Grams
-
-def packed_len(d: int) -> int:
-    return d * (d + 1) // 2
-
-
-def pack_sym(G: torch.Tensor) -> torch.Tensor:
-    iu = torch.triu_indices(G.shape[0], G.shape[0])
-    return G[iu[0], iu[1]]
-
-
-def unpack_sym(v: torch.Tensor, d: int) -> torch.Tensor:
-    iu = torch.triu_indices(d, d)
-    G = torch.zeros(d, d, dtype=torch.float64)
-    G[iu[0], iu[1]] = v.to(torch.float64)
-    G[iu[1], iu[0]] = v.to(torch.float64)
-    return G
-
-
-def triangular_factor(G: torch.Tensor) -> torch.Tensor:
-    """Upper-trapezoidal R [k, d], k = rank(G), with RᵀR = G (float64).
-
-    Cholesky where G is positive definite; otherwise the eigen-factor over G's numerical range (eigenvalues
-    above d·ε·λmax), made triangular by a QR step.
-    """
-    G = G.to(torch.float64)
-    L, info = torch.linalg.cholesky_ex(G)
-    if int(info) == 0:
-        return L.T.contiguous()
-    evals, evecs = torch.linalg.eigh(G)
-    tol = float(evals.max().clamp(min=0)) * G.shape[0] * torch.finfo(torch.float64).eps
-    keep = evals > tol
-    if not bool(keep.any()):
-        return torch.zeros(0, G.shape[0], dtype=torch.float64)
-    F = evals[keep].sqrt()[:, None] * evecs[:, keep].T
-    R = torch.linalg.qr(F, mode="r").R
-    return R
-
-
-def trapezoid_len(k: int, d: int) -> int:
-    return k * d - k * (k - 1) // 2
-
-
-def encode_gram(g: Gram, dtype: str = GRAM_DTYPE) -> tuple[int, int, torch.Tensor]:
-    """(encoding, rank, 1-D tensor). float64 travels packed (exact); narrower types as the triangular factor,
-    whose RᵀR stays positive semidefinite after rounding (a rounded packed Gram can turn indefinite, and the
-    fusion's solve amplifies that: docs/protocol.md)."""
-    d = g.gram.shape[0]
-    if dtype == "float64":
-        return pb.PACKED_UPPER, 0, pack_sym(g.gram)
-    R = triangular_factor(g.gram)
-    k = R.shape[0]
-    iu = torch.triu_indices(k, d)
-    return pb.TRIANGULAR_FACTOR, k, R[iu[0], iu[1]]
-
-
-def gram_wire_bytes(d: int, rows: int, dtype: str = GRAM_DTYPE) -> int:
-    """Upper bound of one Gram's bytes on the wire (the factor's rank is at most min(rows, d))."""
-    n = packed_len(d) if dtype == "float64" else trapezoid_len(min(rows, d), d)
-    return n * DTYPES[dtype]
-
-
-def decode_gram(encoding: int, rank: int, t: torch.Tensor, dim: int, rows: int, where: str) -> torch.Tensor:
-    """Dense float64 Gram from its wire form, checked: right size, finite, symmetric and plausibly PSD."""
-    if t.ndim != 1:
-        raise WireError(f"{where}: Gram tensor must be 1-D, got shape {tuple(t.shape)}")
-    if encoding == pb.PACKED_UPPER:
-        if t.shape[0] != packed_len(dim):
-            raise WireError(f"{where}: packed Gram has {t.shape[0]} values, site dimension {dim} needs "
-                            f"{packed_len(dim)}")
-        G = unpack_sym(t, dim)
-    elif encoding == pb.TRIANGULAR_FACTOR:
-        if not 0 <= rank <= min(rows, dim) or t.shape[0] != trapezoid_len(rank, dim):
-            raise WireError(f"{where}: triangular factor of rank {rank} has {t.shape[0]} values; site dimension "
-                            f"{dim} needs {trapezoid_len(rank, dim)} with rank <= min(rows={rows}, {dim})")
-        R = torch.zeros(rank, dim, dtype=torch.float64)
-        iu = torch.triu_indices(rank, dim)
-        R[iu[0], iu[1]] = t.to(torch.float64)
-        G = R.T @ R
-    else:
-        raise WireError(f"{where}: unknown Gram encoding {encoding}")
-    _check_psd(G, where)
-    return G
-
-
-def _check_psd(G: torch.Tensor, where: str) -> None:
-    """Cheap necessary conditions of G = XᵀX: finite, non-negative diagonal, |G_ij| <= sqrt(G_ii G_jj)."""
-    if not bool(torch.isfinite(G).all()):
-        raise WireError(f"{where}: Gram holds NaN or Inf")
-    diag = G.diagonal()
-    scale = float(diag.abs().max()) if G.numel() else 0.0
-    if float(diag.min()) < -1e-6 * scale:
-        raise WireError(f"{where}: Gram has a negative diagonal entry ({float(diag.min()):.3g}): not XᵀX")
-    bound = (diag.clamp(min=0)[:, None] * diag.clamp(min=0)[None, :]).sqrt()
-    excess = float((G.abs() - bound * (1 + 1e-3)).max()) if G.numel() else 0.0
-    if excess > 1e-6 * scale:
-        raise WireError(f"{where}: Gram breaks |G_ij| <= sqrt(G_ii G_jj) by {excess:.3g}: not XᵀX")
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
@@ -466,7 +368,10 @@ def decode_stats(rd: RecordDict, base: BaseManifest, stage: int, concept: str, c
             raise WireError(f"{w}: dimension {s.dim}, the base's is {site.dim}")
         if not 1 <= s.rows <= MAX_ROWS:
             raise WireError(f"{w}: row count {s.rows} out of range 1..{MAX_ROWS}")
-        G = decode_gram(s.encoding, s.rank, _get(tensors, s.tensor, w), site.dim, s.rows, w)
+        try:
+            G = decode_gram(s.encoding, s.rank, _get(tensors, s.tensor, w), site.dim, s.rows, w)
+        except GramError as e:
+            raise WireError(str(e)) from None
         stats[s.site] = Gram(G, int(s.rows))
     return m, stats
 

@@ -17,6 +17,7 @@ from mos.shared.sd.lora import Lora
 from mos.shared.sd.sites import Site
 from mos.shared.fusion.stats import Stats
 from mos.shared.fusion import solver
+from mos.shared.fusion.gram import check_gram
 from mos.shared.fusion.config import FusionConfig
 
 
@@ -99,7 +100,7 @@ class Fusion:
                 raise FusionError(f"concept {name!r}: statistics for {site_name} sent twice")
             if g.rows <= 0:
                 raise FusionError(f"concept {name!r}, site {site_name}: zero rows")
-            solver.check_gram(g.gram, f"concept {name!r}, site {site_name}", site.dim)
+            check_gram(g.gram, f"concept {name!r}, site {site_name}", site.dim)
         for site_name, g in stats.items():
             loras = {l: lora[l] for l in self.sites[site_name].layers if l in lora}
             self.sums.setdefault(site_name, solver.SiteSums(site_name, self.sites[site_name].dim)).add(

@@ -72,7 +72,7 @@ subtracts its G_i (the caller supplies it again) and drops its terms, and the ne
 the previous result back up to float64 rounding.
 
 Also here: the paper's weight-fusion baseline (dW = sum_i w_i dW_i, also an exact LoRA), the
-per-concept residual from Grams only, and packed-symmetric Gram helpers for the wire.
+per-concept residual from Grams only. Grams are checked and unpacked by gram.py.
 
 Public API (all results float64; callers cast for storage)
 ----------------------------------------------------------
@@ -88,8 +88,6 @@ weight_fusion(loras, mode="sum"|"average") -> (B, A)
 residual_parts(B_star, A_star, B_i, A_i, G_i) -> (num, den)
 residual(B_star, A_star, B_i, A_i, G_i) -> float         num / den (nan if den == 0)
 site_residual(fused, loras_i, G_i) -> float              sum_layers num / sum_layers den
-pack_sym(G) -> v  /  unpack_sym(v, d=None) -> G  /  packed_len(d) -> int
-check_gram(G, name, dim=None)                             raises ValueError naming `name`
 """
 
 from __future__ import annotations
@@ -101,6 +99,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from mos.shared.fusion.gram import check_gram, unpack_sym
+
 __all__ = [
     "DEFAULT_EPS",
     "LayerTerm",
@@ -111,18 +111,10 @@ __all__ = [
     "residual_parts",
     "residual",
     "site_residual",
-    "pack_sym",
-    "unpack_sym",
-    "packed_len",
-    "check_gram",
 ]
 
 DEFAULT_EPS = 1e-8
 F64 = torch.float64
-
-# Relative tolerance for accepting a Gram as symmetric: a Gram computed in float32 can have
-# triangles that differ by a few float32 ulps of its largest entry.
-SYM_RTOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -143,75 +135,10 @@ class SiteSolution:
     dense: frozenset[str] = field(default_factory=frozenset)
 
 
-# --------------------------------------------------------------------------- packed Grams
-
-
-def packed_len(d: int) -> int:
-    return d * (d + 1) // 2
-
-
-def pack_sym(G: Tensor) -> Tensor:
-    """Upper triangle of a symmetric matrix, row by row, as a 1-D tensor (the wire format)."""
-    if G.ndim != 2 or G.shape[0] != G.shape[1]:
-        raise ValueError(f"pack_sym needs a square matrix, got shape {tuple(G.shape)}")
-    iu = torch.triu_indices(G.shape[0], G.shape[0], device=G.device)
-    return G[iu[0], iu[1]]
-
-
-def unpack_sym(v: Tensor, d: int | None = None) -> Tensor:
-    """Inverse of pack_sym; d is inferred from the length when not given."""
-    if v.ndim != 1:
-        raise ValueError(f"packed Gram must be 1-D, got shape {tuple(v.shape)}")
-    if d is None:
-        d = (math.isqrt(8 * v.numel() + 1) - 1) // 2
-    if v.numel() != packed_len(d):
-        raise ValueError(f"packed Gram has {v.numel()} values; d={d} needs {packed_len(d)}")
-    iu = torch.triu_indices(d, d, device=v.device)
-    G = torch.zeros(d, d, dtype=v.dtype, device=v.device)
-    G[iu[0], iu[1]] = v
-    G[iu[1], iu[0]] = v
-    return G
-
-
-def check_gram(G: Tensor, name: str, dim: int | None = None) -> None:
-    """Raise ValueError (message naming `name`) unless G looks like a valid Gram matrix."""
-    if G.ndim != 2 or G.shape[0] != G.shape[1]:
-        raise ValueError(f"Gram for {name}: expected a square matrix, got shape {tuple(G.shape)}")
-    if dim is not None and G.shape[0] != dim:
-        raise ValueError(f"Gram for {name}: expected {dim}x{dim}, got {tuple(G.shape)}")
-    if not G.dtype.is_floating_point:
-        raise ValueError(f"Gram for {name}: expected a floating dtype, got {G.dtype}")
-    if G.numel() == 0:
-        return
-    lo, hi = (float(v) for v in torch.aminmax(G))  # NaN and Inf propagate: one pass checks both
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"Gram for {name}: contains NaN or Inf")
-    scale = max(-lo, hi)
-    asym = _max_asym(G)
-    if asym > SYM_RTOL * scale:
-        raise ValueError(f"Gram for {name}: not symmetric (max |G - G^T| = {asym:.3g}, max |G| = {scale:.3g})")
-    diag_min = float(G.diagonal().min())
-    if diag_min < -SYM_RTOL * scale:
-        raise ValueError(f"Gram for {name}: negative diagonal entry ({diag_min:.3g}); not X^T X")
-
-
 # Work on d x d Grams in pieces of at most this many bytes. Whole-matrix temporaries cost a
 # d x d allocation per concept and site; interleaved with the small long-lived per-concept terms
 # they fragment glibc's heap (RSS grew by hundreds of MiB per concept at SD1.5 sizes).
 _BLOCK_BYTES = 64 * 1024
-
-
-def _max_asym(G: Tensor) -> float:
-    """max |G - G^T|, tile by tile (reading G^T whole is a slow strided sweep), in one scratch."""
-    d, worst = G.shape[0], 0.0
-    tile = max(1, min(d, math.isqrt(_BLOCK_BYTES // G.element_size())))
-    scratch = torch.empty(tile, tile, dtype=G.dtype)
-    for i in range(0, d, tile):
-        for j in range(i, d, tile):
-            a, b = G[i : i + tile, j : j + tile], G[j : j + tile, i : i + tile].T
-            diff = torch.sub(a, b, out=scratch[: a.shape[0], : a.shape[1]])
-            worst = max(worst, float(diff.abs_().max()))
-    return worst
 
 
 def _times_gram(A: Tensor, G: Tensor) -> Tensor:

@@ -1,0 +1,86 @@
+"""A Gram matrix G = XᵀX as data: its packed-symmetric form, and the one check that it is plausibly XᵀX.
+
+Every Gram that reaches a sum passes `check_gram`, whoever sent it (the solver's intake, the wire's decoder):
+square, of the site's size, finite, symmetric, with a non-negative diagonal and |G_ij| <= sqrt(G_ii G_jj)
+(necessary conditions of positive semidefiniteness that cost one pass). The checks run tile by tile: at SD1.5
+sizes a whole-matrix temporary per concept and site fragments the heap (RSS grew by hundreds of MiB per concept).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# A Gram computed in float32 can have triangles that differ by a few float32 ulps of its largest entry.
+SYM_RTOL = 1e-5
+PSD_RTOL = 1e-3  # slack on |G_ij| <= sqrt(G_ii G_jj) for rounding
+_BLOCK_BYTES = 64 * 1024
+
+
+def packed_len(d: int) -> int:
+    return d * (d + 1) // 2
+
+
+def pack_sym(G: Tensor) -> Tensor:
+    """Upper triangle of a symmetric matrix, row by row, as a 1-D tensor."""
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"pack_sym needs a square matrix, got shape {tuple(G.shape)}")
+    iu = torch.triu_indices(G.shape[0], G.shape[0], device=G.device)
+    return G[iu[0], iu[1]]
+
+
+def unpack_sym(v: Tensor, d: int | None = None) -> Tensor:
+    """Inverse of pack_sym (same dtype); d is inferred from the length when not given."""
+    if v.ndim != 1:
+        raise ValueError(f"packed Gram must be 1-D, got shape {tuple(v.shape)}")
+    if d is None:
+        d = (math.isqrt(8 * v.numel() + 1) - 1) // 2
+    if v.numel() != packed_len(d):
+        raise ValueError(f"packed Gram has {v.numel()} values; d={d} needs {packed_len(d)}")
+    iu = torch.triu_indices(d, d, device=v.device)
+    G = torch.zeros(d, d, dtype=v.dtype, device=v.device)
+    G[iu[0], iu[1]] = v
+    G[iu[1], iu[0]] = v
+    return G
+
+
+def check_gram(G: Tensor, name: str, dim: int | None = None) -> None:
+    """Raise ValueError (naming `name`) unless G looks like a Gram matrix XᵀX."""
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"Gram for {name}: expected a square matrix, got shape {tuple(G.shape)}")
+    if dim is not None and G.shape[0] != dim:
+        raise ValueError(f"Gram for {name}: expected {dim}x{dim}, got {tuple(G.shape)}")
+    if not G.dtype.is_floating_point:
+        raise ValueError(f"Gram for {name}: expected a floating dtype, got {G.dtype}")
+    if G.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(G))  # NaN and Inf propagate: one pass checks both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"Gram for {name}: contains NaN or Inf")
+    scale = max(-lo, hi)
+    diag = G.diagonal()
+    if float(diag.min()) < -SYM_RTOL * scale:
+        raise ValueError(f"Gram for {name}: negative diagonal entry ({float(diag.min()):.3g}); not XᵀX")
+    asym, excess = _tile_checks(G, diag.clamp(min=0).sqrt())
+    if asym > SYM_RTOL * scale:
+        raise ValueError(f"Gram for {name}: not symmetric (max |G - G^T| = {asym:.3g}, max |G| = {scale:.3g})")
+    if excess > 1e-6 * scale:
+        raise ValueError(f"Gram for {name}: breaks |G_ij| <= sqrt(G_ii G_jj) by {excess:.3g}; not XᵀX")
+
+
+def _tile_checks(G: Tensor, root_diag: Tensor) -> tuple[float, float]:
+    """(max |G - Gᵀ|, max of |G_ij| - sqrt(G_ii G_jj)(1 + PSD_RTOL)), tile by tile (reading Gᵀ whole is a slow
+    strided sweep)."""
+    d, asym, excess = G.shape[0], 0.0, -math.inf
+    tile = max(1, min(d, math.isqrt(_BLOCK_BYTES // G.element_size())))
+    scratch = torch.empty(tile, tile, dtype=G.dtype)
+    for i in range(0, d, tile):
+        for j in range(i, d, tile):
+            a, b = G[i : i + tile, j : j + tile], G[j : j + tile, i : i + tile].T
+            diff = torch.sub(a, b, out=scratch[: a.shape[0], : a.shape[1]])
+            asym = max(asym, float(diff.abs_().max()))
+            bound = torch.outer(root_diag[i : i + tile], root_diag[j : j + tile]).mul_(1 + PSD_RTOL)
+            excess = max(excess, float((a.abs() - bound).max()))
+    return asym, excess
