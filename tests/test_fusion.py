@@ -19,6 +19,7 @@ from mos.shared.sampling.denoise import initial_latents
 from mos.shared.sd.sites import input_sites
 from mos.shared.fusion.stats import Gram, StatsRecorder
 from mos.shared.fusion.config import FusionConfig
+from mos.client.tuning.edlora import TuneConfig
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,7 @@ def test_tuned_concepts_gradient_beats_weight_and_staged_not_worse_than_one_shot
     from mos.client.tuning.tune import tune
 
     runs = tmp_path_factory.mktemp("tuned")
-    owns = [adapter_io.load(tune(DATA / n, runs / n, base="tiny", steps=60, progress=False)) for n in ("alice", "bob")]
+    owns = [adapter_io.load(tune(DATA / n, runs / n, TuneConfig(steps=60), progress=False)) for n in ("alice", "bob")]
     errors = {}
     for label, method, one_shot in (("staged", "gradient", False), ("one-shot", "gradient", True),
                                      ("weight", "weight", False)):

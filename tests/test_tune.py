@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import DATA, run_cli
+from mos.client.tuning.edlora import TuneConfig
 from mos.shared.formats import adapter as adapter_io
 
 STEPS = 100
@@ -27,7 +28,7 @@ def tuned(tmp_path_factory):
 
     base = load_base("tiny")
     out = tmp_path_factory.mktemp("alice")
-    res = run_tune(DATA / "alice", out, base=base, steps=STEPS, checkpoint_every=STEPS // 2, progress=False)
+    res = run_tune(DATA / "alice", out, TuneConfig(steps=STEPS), base, checkpoint_every=STEPS // 2, progress=False)
     info = json.loads((out / "concept.json").read_text())
     return SimpleNamespace(out=out, trainer=res.trainer, data=res.data, info=info, base=base)
 
@@ -177,7 +178,7 @@ def test_base_weights_and_other_rows_unchanged(tuned):
 
 def test_norm_stop_freezes_embeddings(fresh_base, alice):
     from mos.client.tuning.data import make_batch
-    from mos.client.tuning.edlora import TuneConfig, make_trainer, train_step
+    from mos.client.tuning.edlora import make_trainer, train_step
 
     tr = make_trainer(fresh_base, "alice", "doll", TuneConfig(steps=4, embedding_norm_stop=0.0))
     start = tr.embedding.detach().clone()
@@ -194,7 +195,7 @@ def test_norm_stop_freezes_embeddings(fresh_base, alice):
 
 def test_gradient_checkpointing_gives_the_same_step(alice):
     from mos.client.tuning.data import make_batch
-    from mos.client.tuning.edlora import TuneConfig, make_trainer, train_step
+    from mos.client.tuning.edlora import make_trainer, train_step
     from mos.shared.sd.base import load_base
 
     out = []
@@ -225,11 +226,11 @@ def test_interrupted_run_resumes_to_the_same_adapter(tuned, tmp_path):
             raise Stop
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    tune(DATA / "alice", whole, steps=n, checkpoint_every=0, progress=False)
+    tune(DATA / "alice", whole, TuneConfig(steps=n), checkpoint_every=0, progress=False)
     with pytest.raises(Stop):
-        tune(DATA / "alice", parts, steps=n, checkpoint_every=n // 2, progress=False, on_step=stop_at)
+        tune(DATA / "alice", parts, TuneConfig(steps=n), checkpoint_every=n // 2, progress=False, on_step=stop_at)
     assert (parts / "checkpoint.safetensors").is_file() and not (parts / "concept.json").exists()
-    tune(DATA / "alice", parts, steps=n, checkpoint_every=n // 2, progress=False, resume=True)
+    tune(DATA / "alice", parts, TuneConfig(steps=n), checkpoint_every=n // 2, progress=False, resume=True)
     a, b = load(parts), load(whole)
     assert a.lora.keys() == b.lora.keys()
     for layer in a.lora:
@@ -248,11 +249,11 @@ def test_finished_run_is_reused_and_other_settings_are_not(tuned, monkeypatch, c
 
     monkeypatch.setattr(tune_mod, "make_trainer", no_tuning)
     before = (tuned.out / "adapter.safetensors").stat().st_mtime_ns
-    assert tune_mod.tune(DATA / "alice", tuned.out, steps=STEPS, progress=False) == tuned.out
+    assert tune_mod.tune(DATA / "alice", tuned.out, TuneConfig(steps=STEPS), progress=False) == tuned.out
     assert "reusing cached adapter" in capsys.readouterr().err
     assert (tuned.out / "adapter.safetensors").stat().st_mtime_ns == before
     with pytest.raises(AssertionError, match="tuned again"):
-        tune_mod.tune(DATA / "alice", tuned.out, steps=STEPS, seed=1, progress=False)
+        tune_mod.tune(DATA / "alice", tuned.out, TuneConfig(steps=STEPS, seed=1), progress=False)
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tuned, tmp_path):
@@ -260,10 +261,10 @@ def test_resume_refuses_a_checkpoint_of_another_run(tuned, tmp_path):
 
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):
-        tune(DATA / "alice", out, steps=4, checkpoint_every=2, progress=False,
+        tune(DATA / "alice", out, TuneConfig(steps=4), checkpoint_every=2, progress=False,
              on_step=lambda done, s: (_ for _ in ()).throw(RuntimeError()) if done == 3 else None)
     with pytest.raises(ValueError, match="belongs to another run.*config"):
-        tune(DATA / "alice", out, steps=6, checkpoint_every=2, progress=False, resume=True)
+        tune(DATA / "alice", out, TuneConfig(steps=6), checkpoint_every=2, progress=False, resume=True)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -369,12 +370,12 @@ def test_class_word_errors(tmp_path):
     from mos.client.tuning.tune import tune
 
     with pytest.raises(ValueError, match="is 2 tokens"):
-        tune(DATA / "alice", tmp_path / "x", steps=1, class_word="teddy bear", progress=False)
+        tune(DATA / "alice", tmp_path / "x", TuneConfig(steps=1), class_word="teddy bear", progress=False)
     d = tmp_path / "noclass"
     d.mkdir()
     shutil.copy(DATA / "alice" / "00.png", d / "00.png")
     with pytest.raises(ValueError, match="no class word"):
-        tune(d, tmp_path / "y", steps=1, progress=False)
+        tune(d, tmp_path / "y", TuneConfig(steps=1), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -58,12 +58,13 @@ def prepare_adapter(args: argparse.Namespace):
         adapter = adapter_io.load(args.adapter)
         say(f"using adapter {args.adapter} ({', '.join(c.handle for c in adapter.concepts) or 'no concept'})")
         return adapter, str(adapter.meta.get("data_digest", ""))
+    from mos.client.tuning.edlora import TuneConfig
     from mos.client.tuning.tune import tune
 
     concept = Path(args.concept).resolve()
     slot = hashlib.sha256(f"{concept}\n{args.base}".encode()).hexdigest()[:12]
     folder = mos_home() / "clients" / f"{concept.name}-{slot}"
-    tune(concept, folder, args.base, steps=args.steps, device=args.device)
+    tune(concept, folder, TuneConfig(steps=args.steps), args.base, device=args.device)
     adapter = adapter_io.load(folder)
     return adapter, str(adapter.meta.get("data_digest", ""))
 

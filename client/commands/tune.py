@@ -43,6 +43,7 @@ def run(args) -> int:
     from mos.client.tuning.data import image_files
 
     image_files(args.concept)  # a missing or empty folder is reported before the heavy imports
+    from mos.client.tuning.edlora import TuneConfig
     from mos.client.tuning.tune import tune
 
     trigger = ""
@@ -54,11 +55,11 @@ def run(args) -> int:
 
         trigger = args.plain or plain_trigger(args.class_word or read_toml(Path(args.concept)).get("class_word") or "")
     try:
-        out = tune(args.concept, args.out, base=args.base, steps=args.steps, rank=args.rank,
-                   class_word=args.class_word, resume=args.resume, seed=args.seed, batch_size=args.batch_size,
+        config = TuneConfig(steps=args.steps, rank=args.rank, batch_size=args.batch_size, seed=args.seed,
+                            trigger=trigger.strip())
+        out = tune(args.concept, args.out, config, args.base, class_word=args.class_word, resume=args.resume,
                    checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
-                   gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress,
-                   trigger=trigger.strip())
+                   gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)
     except FloatingPointError as e:  # diverged: say so in one line, the checkpoint is kept
         print(f"mos tune: error: {e}", file=sys.stderr)
         return 1

@@ -67,15 +67,16 @@ def recognition(base_fn, adapter: Adapter, judge: Judge, name: str, s: Settings)
 
 
 def tune_all(s: Settings, base_fn, plain: bool) -> dict[str, Adapter]:
-    from mos.client.tuning.edlora import plain_trigger
+    from mos.client.tuning.edlora import TuneConfig, plain_trigger
     from mos.client.tuning.tune import tune
 
     out = {}
     for name in s.concepts:
         look = world.CONCEPTS.get(name)
         trigger = plain_trigger(look.class_word if look else "") if plain else ""
-        folder = tune(s.data / name, s.work / ("lora" if plain else "edlora") / name, base=base_fn(),
-                      steps=s.tune_steps, seed=s.seed, progress=False, trigger=trigger)
+        config = TuneConfig(steps=s.tune_steps, seed=s.seed, trigger=trigger)
+        folder = tune(s.data / name, s.work / ("lora" if plain else "edlora") / name, config, base_fn(),
+                      progress=False)
         out[name] = adapter_io.load(folder)
     return out
 

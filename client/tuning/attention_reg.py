@@ -14,8 +14,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from mos.shared.sd.model import LayerwiseAttnProcessor
-from mos.shared.sd.sites import cross_attention_layers
+from mos.shared.sd.model import LayerwiseAttnProcessor, cross_attention_processors
 
 
 class AttentionRecorder:
@@ -88,15 +87,8 @@ class RecordingAttnProcessor(LayerwiseAttnProcessor):
 def recording(unet: torch.nn.Module) -> Iterator[AttentionRecorder]:
     """Install recording processors on the cross-attention layers; put the previous ones back afterwards."""
     rec = AttentionRecorder()
-    names = cross_attention_layers(unet)
-    previous = [unet.get_submodule(n).processor for n in names]
-    for k, n in enumerate(names):
-        unet.get_submodule(n).set_processor(RecordingAttnProcessor(k, rec))
-    try:
+    with cross_attention_processors(unet, lambda k: RecordingAttnProcessor(k, rec)):
         yield rec
-    finally:
-        for n, p in zip(names, previous):
-            unet.get_submodule(n).set_processor(p)
 
 
 def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:

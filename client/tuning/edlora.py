@@ -29,7 +29,7 @@ from mos.client.tuning.data import Batch, seeded
 class TuneConfig:
     """Everything that decides what a tuning run computes (it is part of the adapter cache key)."""
 
-    steps: int
+    steps: int | None = None  # None: DEFAULT_PASSES over the images, capped per device (tune() resolves it)
     rank: int = 4
     batch_size: int = 2
     seed: int = 0

@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,29 +76,28 @@ class Tuned:
     data: ConceptData
 
 
-def tune(concept_dir: str | Path, out_dir: str | Path, base: str | Base = "tiny", steps: int | None = None,
-         rank: int = 4, class_word: str | None = None, resume: bool = False, seed: int = 0, batch_size: int = 2,
-         checkpoint_every: int = CHECKPOINT_EVERY, device: str | None = None, dtype: str | None = None,
-         gradient_checkpointing: bool = False, progress: bool = True,
-         on_step: Callable[[int, StepStats], None] | None = None, trigger: str = "") -> Path:
+def tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = TuneConfig(), base: str | Base = "tiny",
+         **options: Any) -> Path:
     """Tune one concept's ED-LoRA (or reuse a matching finished run in `out_dir`); returns `out_dir`.
 
-    `base` is a spec (see mos.shared.sd.base) or an already loaded Base, which is then modified in place.
-    `on_step(steps_done, stats)` is called after every step (raising from it stops the run, keeping the last
-    checkpoint). Bad input (no images, a class word that is not one token, ...) raises ValueError.
-    With `trigger`, a plain LoRA instead (no concept tokens; the handle stands for the trigger words).
+    `config` decides what is computed (config.trigger: a plain LoRA instead, no concept tokens, the handle
+    stands for the trigger words). `base` is a spec (see mos.shared.sd.base) or an already loaded Base, which is
+    then modified in place. `options` are run_tune's keywords (class_word, resume, checkpoint_every, device,
+    dtype, gradient_checkpointing, progress, on_step). Bad input (no images, a class word that is not one
+    token, ...) raises ValueError.
     """
-    return run_tune(concept_dir, out_dir, base, steps, rank, class_word, resume, seed, batch_size,
-                    checkpoint_every, device, dtype, gradient_checkpointing, progress, on_step, trigger).out
+    return run_tune(concept_dir, out_dir, config, base, **options).out
 
 
-def run_tune(concept_dir: str | Path, out_dir: str | Path, base: str | Base = "tiny", steps: int | None = None,
-             rank: int = 4, class_word: str | None = None, resume: bool = False, seed: int = 0,
-             batch_size: int = 2, checkpoint_every: int = CHECKPOINT_EVERY, device: str | None = None,
-             dtype: str | None = None, gradient_checkpointing: bool = False, progress: bool = True,
-             on_step: Callable[[int, StepStats], None] | None = None, trigger: str = "") -> Tuned:
-    """`tune()`, also handing back the tuned model in memory (callers that go on using it skip a reload)."""
-    if rank < 1 or batch_size < 1 or (steps is not None and steps < 1):
+def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = TuneConfig(),
+             base: str | Base = "tiny", *, class_word: str | None = None, resume: bool = False,
+             checkpoint_every: int = CHECKPOINT_EVERY, device: str | None = None, dtype: str | None = None,
+             gradient_checkpointing: bool = False, progress: bool = True,
+             on_step: Callable[[int, StepStats], None] | None = None) -> Tuned:
+    """`tune()`, also handing back the tuned model in memory (callers that go on using it skip a reload).
+    `on_step(steps_done, stats)` is called after every step (raising from it stops the run, keeping the last
+    checkpoint)."""
+    if config.rank < 1 or config.batch_size < 1 or (config.steps is not None and config.steps < 1):
         raise ValueError("rank, batch size and steps must be positive")
     out = Path(out_dir)
     image_files(concept_dir)  # an empty or missing folder fails before a base is loaded
@@ -107,8 +106,8 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, base: str | Base = "t
     if not data.class_word:
         raise ValueError(f"no class word for {data.folder}: put class_word = \"...\" in concept.toml or pass "
                          "--class-word (one word the base knows, e.g. dog, woman, toy)")
-    config = TuneConfig(steps=steps or default_steps(len(data.items), batch_size, base_obj.device), rank=rank,
-                        batch_size=batch_size, seed=seed, trigger=check_trigger(trigger) if trigger else "")
+    config = replace(config, steps=config.steps or default_steps(len(data.items), config.batch_size, base_obj.device),
+                     trigger=check_trigger(config.trigger) if config.trigger else "")
     key = {"name": data.name, "class_word": data.class_word, "data_digest": data.digest,
            "base_fingerprint": base_obj.fingerprint, "config": config.as_dict()}
     if cached(out, key):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mos.shared.sd.model import ConceptModel, LayerwiseAttnProcessor
+from mos.shared.sd.model import ConceptModel, LayerwiseAttnProcessor, cross_attention_processors
 from mos.shared.sampling.layout import BoxT, Region, cells
 from mos.shared.sampling.denoise import decode
 from mos.shared.sampling.denoise import denoise
@@ -115,17 +115,9 @@ class RegionalAttnProcessor(LayerwiseAttnProcessor):
 
 @contextlib.contextmanager
 def regional_attention(model: ConceptModel, plan: RegionPlan) -> Iterator[None]:
-    """Swap in regional processors on the cross-attention layers; put the previous ones back afterwards."""
-    unet = model.base.unet
-    layers = [unet.get_submodule(n) for n in cross_attention_layers(unet)]
-    previous = [m.processor for m in layers]
-    try:
-        for k, m in enumerate(layers):
-            m.set_processor(RegionalAttnProcessor(k, plan))
+    """Regional processors on the cross-attention layers for the length of the block."""
+    with cross_attention_processors(model.base.unet, lambda k: RegionalAttnProcessor(k, plan)):
         yield
-    finally:
-        for m, p in zip(layers, previous):
-            m.set_processor(p)
 
 
 def make_plan(model: ConceptModel, regions: Sequence[Region], negative: str, guidance: float,

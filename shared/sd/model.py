@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -28,6 +31,21 @@ class LayerwiseAttnProcessor(AttnProcessor2_0):
 def install_layerwise(unet: torch.nn.Module) -> None:
     for k, name in enumerate(cross_attention_layers(unet)):
         unet.get_submodule(name).set_processor(LayerwiseAttnProcessor(k))
+
+
+@contextlib.contextmanager
+def cross_attention_processors(unet: torch.nn.Module, make: Callable[[int], object]) -> Iterator[None]:
+    """Swap in `make(k)` as cross-attention layer k's processor; put the previous ones back afterwards.
+    (Regional sampling and the tuning-time attention recorder both extend attention this way.)"""
+    layers = [unet.get_submodule(n) for n in cross_attention_layers(unet)]
+    previous = [m.processor for m in layers]
+    try:
+        for k, m in enumerate(layers):
+            m.set_processor(make(k))
+        yield
+    finally:
+        for m, p in zip(layers, previous):
+            m.set_processor(p)
 
 
 class ConceptModel:
