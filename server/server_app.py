@@ -7,6 +7,7 @@ config (mos.server.settings). Progress lines go to stdout (`flwr log`) and to ST
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 

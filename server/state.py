@@ -11,10 +11,8 @@ Statistics are safetensors (float64 Grams under `gram/<site>`, row counts in the
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from mos.shared.formats import adapter as adapter_io

@@ -16,9 +16,7 @@ import contextlib
 import importlib.metadata
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path

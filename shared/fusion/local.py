@@ -13,7 +13,7 @@ from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion import stages
 from mos.shared.fusion.config import FusionConfig
-from mos.shared.fusion.driver import Fusion, FusionError, run_fusion
+from mos.shared.fusion.driver import Fusion, run_fusion
 from mos.shared.fusion.stats import Stats
 from mos.shared.sd.base import Base, load_base
 from mos.shared.sd.concepts import Concept

@@ -92,7 +92,6 @@ site_residual(fused, loras_i, G_i) -> float              sum_layers num / sum_la
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 

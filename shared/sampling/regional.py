@@ -26,7 +26,6 @@ from mos.shared.sampling.layout import BoxT, Region, cells
 from mos.shared.sampling.denoise import decode
 from mos.shared.sampling.denoise import denoise
 from mos.shared.sampling.denoise import initial_latents
-from mos.shared.sd.sites import cross_attention_layers
 
 
 def grid_size(latent_hw: tuple[int, int], n_queries: int) -> tuple[int, int]:
