@@ -1,0 +1,1 @@
+"""The wire contract: protobuf manifests (mos.proto) carried inside Flower records."""

@@ -1,4 +1,4 @@
-"""The StageRunner that answers `run_fusion`'s stages with Flower clients (DESIGN §2).
+"""The StageRunner that answers `run_fusion`'s stages with Flower clients (docs/design.md, "The federated shape").
 
     train.tune     -> each client: adapter + stage-1 statistics (or "cached": the server already holds them)
     query.kv       <- fused text encoder + every concept's embeddings; -> k/v statistics

@@ -43,3 +43,18 @@ def limit_threads(base) -> int:
         return torch.get_num_threads()
     torch.set_num_threads(n)
     return n
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """(__getattr__, __all__) for a package's __init__: each public name is imported from its module on first
+    use, so `import mos.shared.runtime` (what every CLI does first) does not load torch. A value "module:attr"
+    exports `attr` of `module` under the key's name."""
+    import importlib
+
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module, _, attr = exports[name].partition(":")
+        return getattr(importlib.import_module(module), attr or name)
+
+    return __getattr__, sorted(exports)

@@ -1,0 +1,1 @@
+"""`mos-client`, `mos tune` and `mos eval`."""

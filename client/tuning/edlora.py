@@ -1,4 +1,4 @@
-"""ED-LoRA (Mix-of-Show, DESIGN §1): a concept's layer-wise token embeddings plus LoRA, and one training step.
+"""ED-LoRA (Mix-of-Show; docs/design.md, "ED-LoRA"): a concept's layer-wise token embeddings plus LoRA, and one training step.
 
 `train_step` is the only implementation of a step: `tune()` and `bench/tune_step.py` both call it. With
 layer-wise ids [B, L, 77] it is an ED-LoRA step (16 text-encoder passes, 4-D conditioning); with ids [B, 77] it is

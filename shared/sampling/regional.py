@@ -1,4 +1,4 @@
-"""Regionally controllable sampling (Mix-of-Show; DESIGN §1).
+"""Regionally controllable sampling (Mix-of-Show; docs/design.md, "Regionally controllable sampling").
 
 In every cross-attention layer the output inside a region's box is replaced by the attention of the box's queries
 to that region's prompt (layer-wise: layer k reads slice k of the region's 4-D conditioning); where boxes overlap
