@@ -429,7 +429,7 @@ def main() -> None:
     ap.add_argument("--lbfgs-max-s", type=float, default=60.0,
                     help="stop an LBFGS sample after this long and extrapolate its time (default 60)")
     ap.add_argument("--gram-dtype", choices=("float32", "float64"), default="float32",
-                    help="dtype the Grams reach the server in (shared/wire.py ships float32 by default)")
+                    help="dtype the Grams reach the server in (shared/federation/gram_codec.py ships float32 by default)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sites-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -141,3 +141,17 @@ def test_public_api_names_resolve():
             assert getattr(mod, name) is not None, f"{pkg}.{name}"
         with pytest.raises(AttributeError):
             getattr(mod, "no_such_name")
+
+
+def test_readme_library_example_runs(tmp_path, monkeypatch):
+    """The README's library example, on the tiny base with a few steps (the same calls, smaller numbers)."""
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("As a library:\n\n```python\n", 1)[1].split("```", 1)[0]
+    small = (code.replace('"world"', '"tiny"').replace("TuneConfig()", "TuneConfig(steps=2)")
+             .replace("FusionConfig()", "FusionConfig(sample_steps=2)").replace('"data/', f'"{REPO}/data/'))
+    assert small != code
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(small, "README.md", "exec"), scope)
+    assert scope["picture"].size == (64, 64)
+    assert [c.name for c in scope["fused"].concepts] == ["alice", "bob"]
