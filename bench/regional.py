@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from mos.shared.sampling.denoise import initial_latents
+from mos.shared.sampling.layout import Region, parse_size
+from mos.shared.sampling.regional import denoise_regional
 from mos.shared.sd.base import load_base
 from mos.shared.sd.model import ConceptModel
-from mos.shared.sampling.regional import denoise_regional
-from mos.shared.sampling.layout import Region, parse_size
-from mos.shared.sampling.denoise import initial_latents
 
 BOXES = {
     1: [(0.0, 0.0, 0.5, 1.0)],

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from flwr.app import RecordDict
 
+from mos.shared.federation import gram_codec, wire
+from mos.shared.formats import adapter as adapter_io
+from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.driver import Fusion, run_fusion
 from mos.shared.fusion.local import LocalRunner
-from mos.shared.formats import adapter as adapter_io
-from mos.shared.federation import gram_codec, wire
-from mos.shared.formats.adapter import Adapter
 from mos.shared.sd.base import load_base
 from mos.shared.sd.concepts import N_TOKENS, Concept
 from mos.shared.sd.model import ConceptModel

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from mos.shared.world.judge import COLOURS, CROP, OBJECTS, JudgeNet, crop
 from mos.shared.world import scenes as world
+from mos.shared.world.judge import COLOURS, CROP, OBJECTS, JudgeNet, crop
 
 IGNORE = -100
 

@@ -147,8 +147,8 @@ def main() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from mos.shared.sd import architectures
-    from mos.shared.world import scenes as world
     from mos.shared.sd.base import load_tokenizer, load_weights, tiny_folder
+    from mos.shared.world import scenes as world
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

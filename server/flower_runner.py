@@ -20,15 +20,15 @@ from typing import Callable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from mos.shared.formats import adapter as adapter_io
+from mos.server.state import ServerState
 from mos.shared.federation import wire
+from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
-from mos.shared.sd.concepts import Concept
-from mos.shared.sd.lora import Lora
-from mos.shared.fusion.stats import Stats
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.driver import Fusion
-from mos.server.state import ServerState
+from mos.shared.fusion.stats import Stats
+from mos.shared.sd.concepts import Concept
+from mos.shared.sd.lora import Lora
 
 POLL_S = 0.5
 

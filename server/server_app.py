@@ -24,7 +24,6 @@ from mos.shared.fusion.driver import Fusion, FusionError, run_fusion
 from mos.shared.runtime import limit_threads
 from mos.shared.sd.base import load_base
 
-
 NOTICE_WAIT_S = 120.0  # how long the end of a round waits for clients to read why they are out
 
 

@@ -15,10 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
+from mos.shared.files import read_json, write_json
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.stats import Stats
-from mos.shared.files import read_json, write_json
 from mos.shared.fusion.stats_file import load_stats, save_stats
 
 STAGES = (1, 2, 3)

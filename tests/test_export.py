@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from conftest import random_adapter, run_cli
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats import conversions as lora_formats
+from mos.shared.fusion.config import FusionConfig
+from mos.shared.sampling.denoise import initial_latents
 from mos.shared.sd.base import tiny_folder
 from mos.shared.sd.lora import delta
 from mos.shared.sd.model import ConceptModel
-from mos.shared.sampling.denoise import initial_latents
-from mos.shared.fusion.config import FusionConfig
 
 
 def pipeline(folder):

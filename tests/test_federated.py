@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, random_adapter
 
-from mos.shared.formats import adapter as adapter_io
+from conftest import DATA, random_adapter
 from mos.shared.federation.flower_procs import descendants, free_port
+from mos.shared.formats import adapter as adapter_io
 
 BIN = Path(sys.executable).parent
 FAULTY_CLIENT = Path(__file__).resolve().parent / "doubles" / "faulty_client.py"
@@ -38,8 +38,8 @@ def test_server_state_resumes_a_round_and_keeps_finished_concepts(tmp_path, tiny
     """What a restarted server finds: the unfinished round, its concepts with stage-1 statistics; finished
     rounds' concepts in the registry for later rounds."""
     from mos.server.state import ServerState
-    from mos.shared.fusion.stats import Gram
     from mos.shared.federation.wire import adapter_digest
+    from mos.shared.fusion.stats import Gram
 
     alice = random_adapter(tiny_base, "alice", "doll", 1)
     stats = {"text_encoder.encoder.layers.0.self_attn.qkv": Gram(torch.eye(32, dtype=torch.float64) * 3, 7)}

@@ -9,17 +9,16 @@ import pytest
 import torch
 
 from conftest import random_adapter, run_cli
-from mos.shared.fusion.driver import Fusion, FusionError, run_fusion
-from mos.shared.fusion.local import LocalRunner
+from mos.client.tuning.edlora import TuneConfig
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.fusion import stages
-from mos.shared.sd.model import ConceptModel
-from mos.shared.sampling.denoise import denoise
-from mos.shared.sampling.denoise import initial_latents
-from mos.shared.sd.sites import input_sites
-from mos.shared.fusion.stats import Gram, StatsRecorder
 from mos.shared.fusion.config import FusionConfig
-from mos.client.tuning.edlora import TuneConfig
+from mos.shared.fusion.driver import Fusion, FusionError, run_fusion
+from mos.shared.fusion.local import LocalRunner
+from mos.shared.fusion.stats import Gram, StatsRecorder
+from mos.shared.sampling.denoise import denoise, initial_latents
+from mos.shared.sd.model import ConceptModel
+from mos.shared.sd.sites import input_sites
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
+from mos.shared.sampling.denoise import denoise, initial_latents
+from mos.shared.sampling.layout import LayoutError, Region, cells, check_handles, load_layout, parse_region
+from mos.shared.sampling.regional import RegionalAttnProcessor, denoise_regional, grid_size, make_plan
 from mos.shared.sd.concepts import UnknownConceptError
 from mos.shared.sd.model import LayerwiseAttnProcessor
-from mos.shared.sampling.regional import RegionalAttnProcessor, denoise_regional, grid_size, make_plan
-from mos.shared.sampling.layout import LayoutError, Region, cells, check_handles, load_layout, parse_region
-from mos.shared.sampling.denoise import denoise
-from mos.shared.sampling.denoise import initial_latents
 from mos.shared.sd.sites import cross_attention_layers
 
 STEPS = 3

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, random_adapter
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from conftest import REPO, random_adapter
 from mos.protos import mos_pb2 as pb
 from mos.shared.federation import gram_codec, wire
-from mos.shared.fusion.stats import Gram
 from mos.shared.federation.wire import WireError
+from mos.shared.fusion.stats import Gram
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ def random_judge(path):
 
 
 def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_path, monkeypatch):
-    from mos.client.tuning import tune as tune_mod
     from mos.client.evaluation import world as we
+    from mos.client.tuning import tune as tune_mod
 
     s = we.Settings(DATA, tmp_path / "work", tune_steps=2, images=2, sample_steps=2, fusion_steps=2)
     judge = random_judge(tmp_path / "judge.safetensors")

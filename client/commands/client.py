@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mos.shared.sd.base import check_same_base, load_base
-    from mos.shared.runtime import limit_threads
-    from mos.shared.federation.tls import check_node_key, client_root_cert
     from mos.client.federation import relay
     from mos.client.federation.party import prepare_adapter, write_outputs
     from mos.client.federation.supernode import let_reply_leave, supervise
     from mos.client.federation.worker import Worker
+    from mos.shared.federation.tls import check_node_key, client_root_cert
+    from mos.shared.runtime import limit_threads
+    from mos.shared.sd.base import check_same_base, load_base
 
     if not args.adapter and not Path(args.concept).is_dir():
         raise FileNotFoundError(f"--concept {args.concept}: no such folder")

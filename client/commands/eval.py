@@ -62,9 +62,9 @@ def label(fused: adapter_io.Adapter, path: str) -> str:
 
 
 def run_retention(args) -> int:
+    from mos.client.evaluation.retention import retention
     from mos.shared.formats import adapter as adapter_io
     from mos.shared.sd.base import load_base
-    from mos.client.evaluation.retention import retention
 
     base = load_base(args.base, args.device, args.dtype)
     owns = [adapter_io.load(p) for p in args.own]
@@ -85,12 +85,12 @@ def run_retention(args) -> int:
 
 
 def run_clip(args) -> int:
-    from mos.shared.formats import adapter as adapter_io
     from PIL import Image
 
-    from mos.shared.sd.base import load_base
     from mos.client.evaluation.clip import PROMPTS, Clip, evaluate
     from mos.client.tuning.data import load_concept
+    from mos.shared.formats import adapter as adapter_io
+    from mos.shared.sd.base import load_base
 
     if not 1 <= args.prompts <= len(PROMPTS) or args.images < 1:
         raise ValueError(f"--prompts must be 1..{len(PROMPTS)} and --images at least 1")
@@ -114,8 +114,8 @@ def run_clip(args) -> int:
 def run_world(args) -> int:
     from pathlib import Path
 
-    from mos.shared.sd.base import mos_home
     from mos.client.evaluation.world import Settings, evaluate, table, write
+    from mos.shared.sd.base import mos_home
 
     # the default work folder is per base, tuning length and seed: a retrained base or other settings never meet
     # adapters tuned for something else

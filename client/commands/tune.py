@@ -6,7 +6,6 @@ import sys
 
 from mos.shared.commands.base import add_base_options
 
-
 HELP = "tune one concept's ED-LoRA"
 
 

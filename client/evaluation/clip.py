@@ -17,9 +17,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mos.shared.formats.adapter import Adapter
+from mos.shared.sampling.denoise import sample
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
-from mos.shared.sampling.denoise import sample
 
 PROMPTS = (
     "a photo of {}", "{} on a beach", "{} in the jungle", "{} in the snow", "{} on a cobblestone street",

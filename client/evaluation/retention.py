@@ -17,11 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mos.shared.formats.adapter import Adapter
+from mos.shared.fusion.stages import prompts_for
+from mos.shared.sampling.denoise import initial_latents, make_scheduler
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
-from mos.shared.sampling.denoise import initial_latents
-from mos.shared.sampling.denoise import make_scheduler
-from mos.shared.fusion.stages import prompts_for
 
 EVAL_PROMPTS = 3
 

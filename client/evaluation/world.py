@@ -24,14 +24,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mos.shared.formats import adapter as adapter_io
-from mos.shared.world import scenes as world
 from mos.shared.formats.adapter import Adapter
+from mos.shared.fusion.config import FusionConfig
+from mos.shared.sampling.layout import Region
+from mos.shared.sampling.regional import sample_regional
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
-from mos.shared.sampling.regional import sample_regional
-from mos.shared.sampling.layout import Region
+from mos.shared.world import scenes as world
 from mos.shared.world.judge import Judge
-from mos.shared.fusion.config import FusionConfig
 
 HALVES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
 PLACES = ("left", "right", "center")

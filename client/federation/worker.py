@@ -18,18 +18,17 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, RecordDict
 
+from mos.shared.federation import wire
+from mos.shared.files import atomic_path
 from mos.shared.formats import adapter as adapter_io
+from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion import stages
 from mos.shared.fusion.config import FusionConfig
-from mos.shared.federation import wire
-from mos.shared.formats.adapter import Adapter
-from mos.shared.sd.base import Base, mos_home
-from mos.shared.sd.model import ConceptModel
 from mos.shared.fusion.stats import Stats
 from mos.shared.fusion.stats_file import load_stats, save_stats
-from mos.shared.runtime import limit_threads
-from mos.shared.runtime import say
-from mos.shared.files import atomic_path
+from mos.shared.runtime import limit_threads, say
+from mos.shared.sd.base import Base, mos_home
+from mos.shared.sd.model import ConceptModel
 
 CACHE_VERSION = 2  # 2: the stage-3 sampling settings are part of the key
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from mos.shared.files import save_tensors
 from mos.client.tuning.edlora import Trainer
+from mos.shared.files import save_tensors
 
 FILENAME = "checkpoint.safetensors"
 FORMAT = "mos-tune-checkpoint/1"

@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from mos.client.tuning.attention_reg import AttentionRecorder, attention_loss, recording
+from mos.client.tuning.data import Batch, seeded
 from mos.shared.sd import lora as lora_mod
 from mos.shared.sd.base import Base
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.model import ConceptModel
 from mos.shared.sd.sites import lora_target_layers
-
-from mos.client.tuning.attention_reg import AttentionRecorder, attention_loss, recording
-from mos.client.tuning.data import Batch, seeded
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mos.shared.sampling.denoise import sample  # noqa: E402
-
 from mos.client.tuning.edlora import Trainer  # noqa: E402
 from mos.shared.files import atomic_path  # noqa: E402
+from mos.shared.sampling.denoise import sample  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:

@@ -25,18 +25,16 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from mos.shared.formats import adapter as adapter_mod
-from mos.shared.sd.base import Base, load_base
-from mos.shared.sd.concepts import check_trigger
-
 from mos.client.tuning import checkpoint
 from mos.client.tuning.data import ConceptData, image_files, load_concept, make_batch
-from mos.client.tuning.edlora import StepStats, TuneConfig, Trainer, embedding_norm, make_trainer, train_step
+from mos.client.tuning.edlora import StepStats, Trainer, TuneConfig, embedding_norm, make_trainer, train_step
 from mos.client.tuning.report import plot_loss, sample_grid
 from mos.client.tuning.settings import CHECKPOINT_EVERY, DEFAULT_PASSES, SAMPLE_STEPS, STEP_CAP
-from mos.shared.runtime import say
 from mos.shared.files import write_json
-
+from mos.shared.formats import adapter as adapter_mod
+from mos.shared.runtime import say
+from mos.shared.sd.base import Base, load_base
+from mos.shared.sd.concepts import check_trigger
 
 
 def default_steps(n_images: int, batch_size: int, device: torch.device) -> int:

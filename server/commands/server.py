@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mos-server", description="Fuse concepts from mos-client parties over Flower.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")

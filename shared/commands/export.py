@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from mos.shared.commands.base import add_base_options
 
-
 HELP = "export a fused adapter for diffusers, A1111, ComfyUI"
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from mos.shared.commands.base import add_base_options
 from mos.shared.fusion.config import FUSION_EPS, METHODS
 
-
 HELP = "fuse concepts' adapters on one machine"
 
 
@@ -40,8 +39,8 @@ def run(args) -> int:
     print(f"fused {', '.join(c.handle for c in result.concepts)} ({args.method}"
           f"{', one-shot' if args.one_shot else ''}) -> {out / adapter_io.FILENAME}")
     if args.pipeline:
-        from mos.shared.sd.base import load_base as fresh
         from mos.shared.formats.export import write_pipeline
+        from mos.shared.sd.base import load_base as fresh
 
         print(f"pipeline -> {write_pipeline(fresh(args.base, args.device, args.dtype), result, out / 'pipeline')}")
     return 0

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from mos.shared.commands.base import add_base_options
 
-
 HELP = "turn a plain (kohya / diffusers) LoRA into a concept for fusion"
 
 

@@ -18,9 +18,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mos.shared.commands.base import add_base_options
 

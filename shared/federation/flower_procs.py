@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from mos.shared.runtime import OFFLINE_ENV
 
 BIN = Path(sys.executable).parent

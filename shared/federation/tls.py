@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from mos.shared.files import write_bytes
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1")

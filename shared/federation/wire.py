@@ -26,15 +26,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from mos.protos import mos_pb2 as pb
-from mos.shared.formats.adapter import Adapter
-from mos.shared.sd.concepts import N_TOKENS, Concept, check_trigger
-from mos.shared.sd.base import check_same_base
-from mos.shared.sd.lora import Lora
-from mos.shared.sd.sites import Site, cross_attention_layers, input_sites
-from mos.shared.fusion.config import FusionConfig
 from mos.shared.federation.gram_codec import GRAM_DTYPE, GramError, decode_gram, encode_gram
+from mos.shared.formats.adapter import Adapter
+from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.gram import packed_len
 from mos.shared.fusion.stats import Gram, Stats
+from mos.shared.sd.base import check_same_base
+from mos.shared.sd.concepts import N_TOKENS, Concept, check_trigger
+from mos.shared.sd.lora import Lora
+from mos.shared.sd.sites import Site, cross_attention_layers, input_sites
 
 PROTOCOL_VERSION = 1
 STYPE = "mos.safetensors"

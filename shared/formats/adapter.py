@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from mos.shared.sd.concepts import Concept
 from mos.shared.files import read_tensors, save_tensors
+from mos.shared.sd.concepts import Concept
 from mos.shared.sd.lora import Lora
 
 FORMAT = "mos-adapter"

@@ -21,13 +21,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from safetensors.torch import save_file
 
+from mos.shared.files import save_tensors
 from mos.shared.formats import conversions as lora_formats
 from mos.shared.formats.adapter import Adapter
 from mos.shared.sd.base import Base, check_same_base
-from mos.shared.files import save_tensors
 
 
 @torch.no_grad()

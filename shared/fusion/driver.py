@@ -11,15 +11,14 @@ import time
 from typing import Protocol
 
 from mos.shared.formats.adapter import Adapter, concept_meta
+from mos.shared.fusion import solver
+from mos.shared.fusion.config import FusionConfig
+from mos.shared.fusion.gram import check_gram
+from mos.shared.fusion.stats import Stats
 from mos.shared.sd.base import check_same_base
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.lora import Lora
 from mos.shared.sd.sites import Site
-from mos.shared.fusion.stats import Stats
-from mos.shared.fusion import solver
-from mos.shared.fusion.gram import check_gram
-from mos.shared.fusion.config import FusionConfig
-
 
 
 class FusionError(ValueError):

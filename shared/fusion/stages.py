@@ -15,15 +15,14 @@ from __future__ import annotations
 import torch
 
 from mos.shared.formats.adapter import Adapter
+from mos.shared.fusion.config import FusionConfig
+from mos.shared.fusion.stats import Stats, StatsRecorder, empty
+from mos.shared.sampling.denoise import denoise, initial_latents
 from mos.shared.sd.base import Base
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.lora import Lora
 from mos.shared.sd.model import ConceptModel
-from mos.shared.sampling.denoise import denoise
-from mos.shared.sampling.denoise import initial_latents
 from mos.shared.sd.sites import Site, cross_attention_layers, input_sites
-from mos.shared.fusion.config import FusionConfig
-from mos.shared.fusion.stats import Stats, StatsRecorder, empty
 
 PROMPTS = ("a photo of {}", "{}", "a close-up photo of {}", "{} in a garden", "a painting of {}", "{} on a beach")
 SAMPLE_PROMPTS = 2  # stage 3 samples the first two prompts: enough rows, a fraction of the time

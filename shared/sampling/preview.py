@@ -9,11 +9,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from mos.shared.formats.adapter import Adapter
+from mos.shared.sampling.denoise import sample
+from mos.shared.sampling.layout import Region
+from mos.shared.sampling.regional import sample_regional
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
-from mos.shared.sampling.regional import sample_regional
-from mos.shared.sampling.layout import Region
-from mos.shared.sampling.denoise import sample
 
 
 def prompts_for(adapter: Adapter, first: str | None = None) -> list[str]:

@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mos.shared.sd.model import ConceptModel, LayerwiseAttnProcessor, cross_attention_processors
+from mos.shared.sampling.denoise import decode, denoise, initial_latents
 from mos.shared.sampling.layout import BoxT, Region, cells
-from mos.shared.sampling.denoise import decode
-from mos.shared.sampling.denoise import denoise
-from mos.shared.sampling.denoise import initial_latents
+from mos.shared.sd.model import ConceptModel, LayerwiseAttnProcessor, cross_attention_processors
 
 
 def grid_size(latent_hw: tuple[int, int], n_queries: int) -> tuple[int, int]:

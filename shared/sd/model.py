@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from mos.shared.sd import lora as lora_mod
 from mos.shared.formats.adapter import Adapter, AdapterError
+from mos.shared.sd import lora as lora_mod
 from mos.shared.sd.base import Base, check_same_base
 from mos.shared.sd.concepts import PromptEncoder
 from mos.shared.sd.sites import cross_attention_layers
