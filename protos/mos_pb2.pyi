@@ -117,7 +117,7 @@ class StagePayload(_message.Message):
     def __init__(self, version: _Optional[int] = ..., stage: _Optional[int] = ..., concept: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteStats, _Mapping]]] = ..., from_cache: _Optional[bool] = ...) -> None: ...
 
 class FusedManifest(_message.Message):
-    __slots__ = ("version", "stage", "base_fingerprint", "round", "concepts", "lora", "digest", "adapter_file", "one_shot", "gram_dtype", "sampling")
+    __slots__ = ("version", "stage", "base_fingerprint", "round", "concepts", "lora", "digest", "adapter_file", "one_shot", "gram_dtype", "sampling", "placement")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class FusedManifest(_message.Message):
     ONE_SHOT_FIELD_NUMBER: _ClassVar[int]
     GRAM_DTYPE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     version: int
     stage: int
     base_fingerprint: str
@@ -140,7 +141,8 @@ class FusedManifest(_message.Message):
     one_shot: bool
     gram_dtype: str
     sampling: Sampling
-    def __init__(self, version: _Optional[int] = ..., stage: _Optional[int] = ..., base_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[ConceptEntry, _Mapping]]] = ..., lora: _Optional[_Iterable[_Union[LoraLayer, _Mapping]]] = ..., digest: _Optional[str] = ..., adapter_file: _Optional[_Union[TensorSpec, _Mapping]] = ..., one_shot: _Optional[bool] = ..., gram_dtype: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    placement: str
+    def __init__(self, version: _Optional[int] = ..., stage: _Optional[int] = ..., base_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[ConceptEntry, _Mapping]]] = ..., lora: _Optional[_Iterable[_Union[LoraLayer, _Mapping]]] = ..., digest: _Optional[str] = ..., adapter_file: _Optional[_Union[TensorSpec, _Mapping]] = ..., one_shot: _Optional[bool] = ..., gram_dtype: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("steps", "seed", "guidance")
@@ -153,7 +155,7 @@ class Sampling(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ...) -> None: ...
 
 class TuneRequest(_message.Message):
-    __slots__ = ("version", "base_fingerprint", "round", "one_shot", "known", "gram_dtype", "sampling")
+    __slots__ = ("version", "base_fingerprint", "round", "one_shot", "known", "gram_dtype", "sampling", "placement")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +163,7 @@ class TuneRequest(_message.Message):
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     GRAM_DTYPE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     version: int
     base_fingerprint: str
     round: int
@@ -168,7 +171,8 @@ class TuneRequest(_message.Message):
     known: _containers.RepeatedScalarFieldContainer[str]
     gram_dtype: str
     sampling: Sampling
-    def __init__(self, version: _Optional[int] = ..., base_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., one_shot: _Optional[bool] = ..., known: _Optional[_Iterable[str]] = ..., gram_dtype: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    placement: str
+    def __init__(self, version: _Optional[int] = ..., base_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., one_shot: _Optional[bool] = ..., known: _Optional[_Iterable[str]] = ..., gram_dtype: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("version", "kind", "reason", "round")

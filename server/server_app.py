@@ -62,7 +62,8 @@ def main(grid: Grid, context: Context) -> None:
     say(f"ServerApp started (run {context.run_id}); loading base {settings.base}")
     base = load_base(settings.base)
     limit_threads(base)
-    manifest = wire.BaseManifest.from_base(base)
+    fusion_config = settings.fusion.resolved(base.spec)
+    manifest = wire.BaseManifest.from_base(base, fusion_config.placement)
     state = ServerState(state_dir, base.fingerprint)
     served: set[int] = set()
     for _ in range(settings.rounds):
@@ -72,7 +73,7 @@ def main(grid: Grid, context: Context) -> None:
             say(f"resuming: the server stopped during this round; held concepts: "
                 f"{', '.join(state.known(r)) or 'none'}")
         nodes = wait_for_clients(grid, settings.min_clients, served, say)
-        runner = FlowerRunner(grid, Fusion(base.fingerprint, list(manifest.sites), settings.fusion), manifest, state,
+        runner = FlowerRunner(grid, Fusion(base.fingerprint, list(manifest.sites), fusion_config), manifest, state,
                               r, nodes, settings.stage_timeout, say)
         served |= set(nodes)
         try:

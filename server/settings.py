@@ -14,7 +14,8 @@ from mos.shared.fusion.config import FusionConfig
 
 # run-config key -> FusionConfig field
 FUSION_KEYS = {"method": "method", "one-shot": "one_shot", "eps": "eps", "sample-steps": "sample_steps",
-               "sample-seed": "sample_seed", "guidance": "guidance", "gram-dtype": "gram_dtype"}
+               "sample-seed": "sample_seed", "guidance": "guidance", "gram-dtype": "gram_dtype",
+               "placement": "placement"}
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,9 @@ class Settings:
 
     def run_config(self) -> dict[str, Any]:
         own = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "fusion"}
-        return own | {key: getattr(self.fusion, attr) for key, attr in FUSION_KEYS.items()}
+        fusion = {key: getattr(self.fusion, attr) for key, attr in FUSION_KEYS.items()}
+        fusion["placement"] = fusion["placement"] or ""  # TOML has no null: "" is the base's default
+        return own | fusion
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> "Settings":
@@ -49,7 +52,8 @@ class Settings:
         types = {"out": str, "state-dir": str, "rounds": int, "min-clients": int, "stage-timeout": float, "base": str,
                  "preview": bool, "preview-steps": int}
         own = {k.replace("-", "_"): get(k, t) for k, t in types.items()}
-        ftypes = {f.name: f.type for f in fields(FusionConfig)}
-        fusion = FusionConfig(**{attr: get(key, {"str": str, "bool": bool, "int": int, "float": float}[ftypes[attr]])
-                                 for key, attr in FUSION_KEYS.items()})
-        return cls(**own, fusion=fusion)
+        ftypes = {f.name: f.type.split(" | ")[0] for f in fields(FusionConfig)}
+        values = {attr: get(key, {"str": str, "bool": bool, "int": int, "float": float}[ftypes[attr]])
+                  for key, attr in FUSION_KEYS.items()}
+        values["placement"] = values["placement"] or None  # "": the base's default
+        return cls(**own, fusion=FusionConfig(**values))

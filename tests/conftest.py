@@ -51,8 +51,10 @@ def fresh_base():
     return load_base("tiny")
 
 
-def random_adapter(base, name: str, class_word: str, seed: int, scale: float = 0.1, rank: int = 4):
-    """A concept adapter with random LoRA on every target layer and perturbed class-word embeddings."""
+def random_adapter(base, name: str, class_word: str, seed: int, scale: float = 0.1, rank: int = 4,
+                   placement: str = "attention"):
+    """A concept adapter with random LoRA on every target layer of `placement` and perturbed class-word
+    embeddings."""
     import copy
 
     from mos.shared.formats.adapter import Adapter
@@ -65,7 +67,7 @@ def random_adapter(base, name: str, class_word: str, seed: int, scale: float = 0
     emb = model.prompts.init_embeddings(class_word, g)
     emb = emb + 0.05 * torch.randn(emb.shape, generator=g)
     lora = {}
-    for site in input_sites(base.text_encoder, base.unet):
+    for site in input_sites(base.text_encoder, base.unet, placement):
         for layer, out_dim in zip(site.layers, site.out_dims):
             lora[layer] = (scale * torch.randn(out_dim, rank, generator=g),
                            torch.randn(rank, site.dim, generator=g) / site.dim ** 0.5)

@@ -171,3 +171,31 @@ def test_import_refuses_bad_files_with_clear_errors(tiny_base, tmp_path):
     p = imp(mixed, "--attention-only")
     assert p.returncode == 0 and "dropped 1 non-attention" in p.stdout
     assert set(adapter_io.load(tmp_path / "out").lora) == {layer}
+
+
+def test_convolution_lora_exports_in_each_tools_shape_and_reads_back(tiny_base, tmp_path):
+    """kohya (LoCon) and diffusers hold a convolution's LoRA as a k×k down and a 1×1 up; reading either file back
+    gives our matrices, and a merged pipeline carries ΔW in the convolution's own weight shape."""
+    from conftest import random_adapter
+
+    from mos.shared.formats import conversions as lora_formats
+    from mos.shared.formats.export import merge_lora
+    from mos.shared.sd.base import load_base
+
+    src = random_adapter(tiny_base, "carol", "dog", 3, placement="wide")
+    models = {"text_encoder": tiny_base.text_encoder, "unet": tiny_base.unet}
+    shapes = lora_formats.linear_shapes(models)
+    conv = next(l for l in src.lora if l.endswith("conv1"))
+    files = {f"{lora_formats.kohya_name(conv)}.lora_down.weight": lora_formats.to_kohya(src.lora, shapes),
+             f"{conv}.lora_A.weight": lora_formats.to_diffusers(src.lora, shapes)}
+    for down_key, tensors in files.items():
+        assert tensors[down_key].ndim == 4 and tensors[down_key].shape[2:] == (3, 3)
+        back = lora_formats.read(tensors, models)
+        for layer, (B, A) in src.lora.items():
+            torch.testing.assert_close(back[layer][0] @ back[layer][1], B @ A, rtol=1e-5, atol=1e-6)
+    merged = load_base("tiny")
+    w0 = merged.unet.get_submodule(conv.removeprefix("unet.")).weight.clone()
+    merge_lora(merged, src)
+    B, A = src.lora[conv]
+    torch.testing.assert_close(merged.unet.get_submodule(conv.removeprefix("unet.")).weight - w0,
+                               (B @ A).reshape(w0.shape), rtol=1e-4, atol=1e-6)

@@ -205,3 +205,54 @@ def test_tuned_concepts_gradient_beats_weight_and_staged_not_worse_than_one_shot
         assert errors["staged"][name] < errors["weight"][name]
         assert errors["one-shot"][name] < errors["weight"][name]
         assert errors["staged"][name] <= errors["one-shot"][name] * 1.05 + 1e-3
+
+
+# ------------------------------------------------------------------------------------- wide placement (convolutions)
+
+def test_a_convolution_site_gram_is_over_its_unfolded_patches(tiny_base):
+    """A 3×3 convolution is a linear map over patches: its site's Gram is PᵀP of the patches F.unfold cuts, and
+    ΔW = B @ A applied to them is what the peft-wrapped convolution adds."""
+    import torch.nn.functional as F
+
+    from mos.shared.fusion.stats import StatsRecorder
+    from mos.shared.sd.sites import input_sites
+
+    site = next(s for s in input_sites(tiny_base.text_encoder, tiny_base.unet, "wide") if s.conv
+                and s.conv.kernel == (3, 3))
+    conv = tiny_base.unet.get_submodule(site.layers[0].removeprefix("unet."))
+    assert site.dim == conv.in_channels * 9
+    x = torch.randn(2, conv.in_channels, 5, 6)
+    with StatsRecorder({"unet": tiny_base.unet}, [site]) as rec:
+        conv(x)
+    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, site.dim).double()
+    torch.testing.assert_close(rec.stats[site.name].gram, patches.T @ patches)
+    assert rec.stats[site.name].rows == 2 * 5 * 6
+
+
+def test_wide_placement_lora_round_trips_through_peft_and_fuses_exactly(tmp_path):
+    """LoRA on feed-forward, projections and convolutions: written into peft's layers and read back unchanged; a
+    concept fused alone reproduces its own layers (residual ~0) on every wide site, convolutions included."""
+    from conftest import random_adapter
+
+    from mos.shared.fusion.solver import DEFAULT_EPS
+    from mos.shared.sd import lora as lora_mod
+    from mos.shared.sd.base import load_base
+    from mos.shared.sd.model import ConceptModel
+    from mos.shared.sd.sites import input_sites
+
+    base = load_base("tiny")
+    carol = random_adapter(base, "carol", "dog", 7, placement="wide")
+    conv_layers = [l for l in carol.lora if ".resnets." in l]
+    assert conv_layers and any("ff.net" in l for l in carol.lora)
+    model = ConceptModel.from_adapter(load_base("tiny"), carol)
+    back = lora_mod.read(model.models)
+    for layer, (B, A) in carol.lora.items():
+        torch.testing.assert_close(back[layer][0] @ back[layer][1], B @ A, rtol=1e-5, atol=1e-6)
+    sites = input_sites(base.text_encoder, base.unet, "wide")
+    fusion = Fusion(base.fingerprint, sites, FusionConfig(eps=DEFAULT_EPS, sample_steps=2, placement="wide"))
+    result = run_fusion(LocalRunner(base, [carol], progress=False), fusion)
+    res = result.meta["fusion"]["residuals"]["carol"]
+    assert len(res) == len(sites) and max(res.values()) <= 1e-6
+    assert sorted(result.lora) == sorted(carol.lora)
+    with pytest.raises(FusionError, match="not a LoRA target"):  # an attention-only fusion refuses wide LoRA
+        Fusion(base.fingerprint, input_sites(base.text_encoder, base.unet)).add(carol)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING
 
 from mos.shared.commands.base import add_base_options
@@ -42,15 +43,16 @@ def register(sub) -> None:
     c.set_defaults(run=run_clip)
     w = esub.add_parser("world", help="the paper's claims in the toy world, read by the judge (ED-LoRA vs LoRA, "
                         "gradient vs weight fusion, regional vs plain prompts)")
-    w.add_argument("--data", default="data", help="folder with the concept folders (default data/)")
+    w.add_argument("--data", default=None, help="folder with the concept folders (default: the demo concepts, "
+                   "drawn into the work folder by the world's renderer: the same as data/ in the repository)")
     w.add_argument("--concepts", nargs="+", default=["alice", "bob", "carol"])
     w.add_argument("--out", default="mos-out/eval-world", help="where world_eval.json and world_eval.png go")
     w.add_argument("--work", default=None, help="tuned and fused adapters (default MOS_HOME/eval-world; reused)")
     w.add_argument("--tune-steps", type=int, default=150)
-    w.add_argument("--images", type=int, default=8, help="pictures per concept and condition")
+    w.add_argument("--images", type=int, default=16, help="pictures per concept and condition (default 16)")
     w.add_argument("--steps", type=int, default=20, help="sampling steps")
     w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    w.add_argument("--json", action="store_true", help="print the JSON (and nothing else) instead of the table")
     w.add_argument("--base", default="world", help="base (default world: the judge knows only that world)")
     w.add_argument("--base-only", action="store_true", help="only part 0, the base alone (no tuning; a minute)")
     w.set_defaults(run=run_world)
@@ -121,7 +123,15 @@ def run_world(args) -> int:
     # adapters tuned for something else
     work = Path(args.work) if args.work else mos_home() / "eval-world" / "{}-t{}-s{}".format(
         args.base.replace(":", "-").replace("/", "_"), args.tune_steps, args.seed)
-    s = Settings(Path(args.data), work, tuple(args.concepts), args.tune_steps, args.images, args.steps, seed=args.seed)
+    data = Path(args.data) if args.data else work / "concepts"
+    if not args.data:
+        from mos.shared.world.scenes import CONCEPTS, draw_concepts
+
+        unknown = sorted(set(args.concepts) - set(CONCEPTS))
+        if unknown:
+            raise ValueError(f"no demo concept {unknown[0]!r} (demo concepts: {', '.join(CONCEPTS)}); pass --data")
+        draw_concepts(data, names=tuple(args.concepts))
+    s = Settings(data, work, tuple(args.concepts), args.tune_steps, args.images, args.steps, seed=args.seed)
     for name in s.concepts:
         if not (s.data / name).is_dir():
             raise FileNotFoundError(f"no concept folder {s.data / name}")
@@ -129,5 +139,5 @@ def run_world(args) -> int:
     write(result, pictures, Path(args.out))
     print(json.dumps(result, indent=2) if args.json else table(result))
     figures = "" if args.base_only else ", world_eval.png and world_eval_pictures.png"
-    print(f"wrote {Path(args.out) / 'world_eval.json'}{figures}", flush=True)
+    print(f"wrote {Path(args.out) / 'world_eval.json'}{figures}", file=sys.stderr, flush=True)
     return 0

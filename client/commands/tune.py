@@ -22,7 +22,13 @@ def register(sub) -> None:
     add_base_options(p)
     p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default: {DEFAULT_PASSES} passes over "
                    f"the images at the batch size, at most {STEP_CAP['cpu']} on a CPU, {STEP_CAP['cuda']} on a GPU)")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the base's recipe: 4, the paper's; "
+                   "16 on tiny/world)")
+    p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
+                   help="layers that carry LoRA (default: the base's recipe: attention, the paper's; wide on "
+                   "tiny/world: + feed-forward, transformer projections and ResNet convolutions)")
+    p.add_argument("--mask-outside", type=float, default=None, help="loss weight outside a concept's masks (0: the "
+                   "paper's masked loss, the default on real bases; 1: unmasked, the default on tiny/world)")
     p.add_argument("--class-word", default=None, help="class word that initialises the second token (one token: "
                    "dog, woman, toy...; default: class_word in concept.toml)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
@@ -55,7 +61,7 @@ def run(args) -> int:
         trigger = args.plain or plain_trigger(args.class_word or read_toml(Path(args.concept)).get("class_word") or "")
     try:
         config = TuneConfig(steps=args.steps, rank=args.rank, batch_size=args.batch_size, seed=args.seed,
-                            trigger=trigger.strip())
+                            placement=args.placement, mask_outside=args.mask_outside, trigger=trigger.strip())
         out = tune(args.concept, args.out, config, args.base, class_word=args.class_word, resume=args.resume,
                    checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
                    gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)

@@ -43,7 +43,7 @@ class Settings:
     work: Path                 # tuned adapters and fused results are kept here
     concepts: tuple[str, ...] = ("alice", "bob", "carol")
     tune_steps: int = 150
-    images: int = 8            # pictures per concept and condition
+    images: int = 16           # pictures per concept and condition
     sample_steps: int = 20
     fusion_steps: int = 10     # sampling steps for stage-3 statistics
     seed: int = 0
@@ -205,7 +205,23 @@ def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None, 
     multi, pictures = multi_concept(fresh, three, judge, s)
     steps.update()
     steps.close()
-    return {**head, "single": single, "fusion": fusion, "multi": multi}, pictures
+    result = {**head, "single": single, "fusion": fusion, "multi": multi}
+    return {**result, "summary": summary(result)}, pictures
+
+
+def summary(r: dict) -> dict[str, float]:
+    """The headline numbers (each in 0–1): the lowest over the concepts where a rate is per concept; a fused
+    concept's keep is its rate over its own ED-LoRA's (capped at 1; 0 where its own was 0)."""
+    def keep(method: str) -> float:
+        per = r["fusion"]["3 concepts"][method]
+        return min(min(1.0, v["relative"] or 0.0) for v in per.values())
+
+    single = r["single"].values()
+    return {"single_edlora_min": min(v["ed-lora"] for v in single), "single_lora_min": min(v["lora"] for v in single),
+            "fused3_gradient_keep_min": keep("gradient"), "fused3_weight_keep_min": keep("weight"),
+            "regional_all_present": r["multi"]["regional"]["all_present"],
+            "plain_all_present": r["multi"]["plain"]["all_present"],
+            "base_two_objects_regional": r["base_alone"]["binding"]["regional"]}
 
 
 def _ratio(x: float | None) -> str:

@@ -46,7 +46,7 @@ class Worker:
                  cache_dir: Path | None = None):
         self.base = base  # pristine: each stage works on a copy (LoRA and processors mutate a base)
         limit_threads(base)
-        self.manifest = wire.BaseManifest.from_base(base)
+        self.manifest = wire.BaseManifest.from_base(base, "wide")  # every layer a fused LoRA may hold
         self.adapter = adapter
         self.name = adapter.concepts[0].name
         self.digest = wire.adapter_digest(adapter)
@@ -133,7 +133,8 @@ class Worker:
 
     def cached(self, stage: int, request: str, cfg: FusionConfig, compute) -> tuple[Stats, bool]:
         # what decides the statistics: the Gram dtype only changes how they travel
-        what = {"one_shot": cfg.one_shot, "steps": cfg.sample_steps, "seed": cfg.sample_seed, "guidance": cfg.guidance}
+        what = {"one_shot": cfg.one_shot, "steps": cfg.sample_steps, "seed": cfg.sample_seed, "guidance": cfg.guidance,
+                "placement": cfg.placement}
         key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "stage": stage, "adapter": self.digest,
                                          "base": self.base.fingerprint, "request": request, **what},
                                         sort_keys=True).encode()).hexdigest()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from diffusers import DDPMScheduler
 
 from mos.client.tuning.attention_reg import AttentionRecorder, attention_loss, recording
 from mos.client.tuning.data import Batch, seeded
+from mos.client.tuning.settings import RECIPES, recipe_for
 from mos.shared.sd import lora as lora_mod
 from mos.shared.sd.base import Base
 from mos.shared.sd.concepts import Concept
@@ -29,12 +30,15 @@ class TuneConfig:
     """Everything that decides what a tuning run computes (it is part of the adapter cache key)."""
 
     steps: int | None = None  # None: DEFAULT_PASSES over the images, capped per device (tune() resolves it)
-    rank: int = 4
+    # None: the base's recipe (settings.RECIPES: the paper's on real bases, the measured one on the toy bases)
+    rank: int | None = None
     batch_size: int = 2
     seed: int = 0
-    lr_embedding: float = 1e-3
-    lr_text_encoder: float = 1e-5
-    lr_unet: float = 1e-4
+    lr_embedding: float | None = None
+    lr_text_encoder: float | None = None
+    lr_unet: float | None = None
+    placement: str | None = None         # which layers carry LoRA: attention | transformer | wide (sd/sites.py)
+    mask_outside: float | None = None    # loss weight outside a concept's mask (0: the paper's masked loss, 1: none)
     weight_decay: float = 0.01
     noise_offset: float = 0.01
     embedding_norm_stop: float = 0.55
@@ -44,6 +48,11 @@ class TuneConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self, base_spec: str) -> "TuneConfig":
+        """Every field the base's recipe decides, filled in (what a run uses, and what its cache key records)."""
+        recipe = RECIPES[recipe_for(base_spec)]
+        return replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
 
 
 @dataclass
@@ -114,7 +123,9 @@ def plain_trigger(class_word: str) -> str:
 def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
                  gradient_checkpointing: bool = False) -> Trainer:
     """Add the concept (token a random σ=init_std, token b = class word, per layer) and rank-r LoRA to `base`.
-    With config.trigger, a plain LoRA: the concept has no tokens, its handle stands for the trigger words."""
+    With config.trigger, a plain LoRA: the concept has no tokens, its handle stands for the trigger words.
+    Fields the config leaves unset come from the base's recipe."""
+    config = config.resolved(base.spec)
     model = ConceptModel(base)
     g = seeded(config.seed, "init", 0)
     if config.trigger:
@@ -123,7 +134,7 @@ def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
     else:
         concept = Concept(name, class_word, model.prompts.init_embeddings(class_word, g, config.init_std))
     embedding = model.prompts.add(concept, trainable=not config.trigger)
-    layers = lora_target_layers(base.text_encoder, base.unet)
+    layers = lora_target_layers(base.text_encoder, base.unet, config.placement)
     lora_mod.inject(model.models, {layer: config.rank for layer in layers})
     lora = init_lora(model.models, g)
     embedding.requires_grad_(not config.trigger)  # peft's injection froze every non-LoRA parameter, these rows too
@@ -163,7 +174,7 @@ def init_lora(models: dict[str, torch.nn.Module], g: torch.Generator
         for layer, m in sorted(lora_mod.lora_layers(models).items()):
             la, lb = m.lora_A[lora_mod.ADAPTER], m.lora_B[lora_mod.ADAPTER]
             la.float(), lb.float()
-            bound = 1.0 / math.sqrt(la.weight.shape[1])
+            bound = 1.0 / math.sqrt(la.weight[0].numel())  # fan-in: a convolution's is C·k·k
             la.weight.copy_((torch.rand(la.weight.shape, generator=g) * 2 - 1) * bound)
             lb.weight.zero_()
             la.weight.requires_grad_(True)
@@ -256,7 +267,7 @@ def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = Tr
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
     err = (pred.float() - target.float()) ** 2
     if masked:
-        mse = masked_mse(err, batch.masks.to(dev), batch.has_mask.to(dev))
+        mse = masked_mse(err, batch.masks.to(dev), batch.has_mask.to(dev), cfg.mask_outside)
         reg = attention_loss(trainer.recorder.take(), batch.masks, batch.has_mask)
     else:
         mse, reg = err.mean(), err.new_zeros(())
@@ -274,9 +285,11 @@ def prediction_target(trainer: Trainer, latents: torch.Tensor, noise: torch.Tens
     raise ValueError(f"base has prediction_type {kind!r}: tuning supports epsilon, v_prediction and sample")
 
 
-def masked_mse(err: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of `err` weighted by the mask at latent size; a crop that missed the mask counts whole."""
+def masked_mse(err: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor, outside: float = 0.0) -> torch.Tensor:
+    """Per-sample mean of `err` weighted by the mask at latent size (weight `outside` where the mask is 0); a crop
+    that missed the mask counts whole."""
     w = F.interpolate(masks.float(), size=err.shape[-2:], mode="area")
+    w = w + outside * (1 - w)
     empty = w.sum((1, 2, 3)) < 1.0
     w = torch.where((has_mask & ~empty)[:, None, None, None], w, torch.ones_like(w))
     per = (err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * err.shape[1])

@@ -6,3 +6,20 @@ DEFAULT_PASSES = 500
 STEP_CAP = {"cuda": 4000, "cpu": 400}
 CHECKPOINT_EVERY = 250
 SAMPLE_STEPS = 20  # sampler steps of the before/after images
+
+# What a tuning run uses where TuneConfig leaves a field unset (None), by base (shared/sd/architectures.recipe_of).
+# `reference` is the paper's recipe (attention-only LoRA, masked loss), the default on real SD bases. `small` was
+# measured on the toy world base, where attention-only adapters never drew a concept's shape (docs/world.md, "An
+# adapter recipe for a small base"); its placement is architectures.default_placement's, which fusion uses.
+RECIPES = {
+    "reference": {"placement": "attention", "rank": 4, "lr_embedding": 1e-3, "lr_text_encoder": 1e-5,
+                  "lr_unet": 1e-4, "mask_outside": 0.0},
+    "small": {"placement": "wide", "rank": 16, "lr_embedding": 1e-3, "lr_text_encoder": 3e-4,
+              "lr_unet": 3e-3, "mask_outside": 1.0},
+}
+
+
+def recipe_for(base_spec: str) -> str:
+    from mos.shared.sd.architectures import recipe_of
+
+    return recipe_of(base_spec)

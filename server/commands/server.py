@@ -33,6 +33,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gram-dtype", choices=("float32", "float64"), default="float32",
                    help="how clients send Gram matrices: float32 (default; half the bytes) or float64 (exact: the "
                    "result then equals `mos fuse` to rounding)")
+    p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
+                   help="layers fused (default: the base's, as tuning places LoRA: wide on tiny/world, else "
+                   "attention)")
     p.add_argument("--eps", type=float, default=0.01, help="ridge factor ε of the solve (λ = ε·tr(ΣG)/d; default "
                    "0.01)")
     p.add_argument("--sample-steps", type=int, default=20, help="stage 3: sampling steps clients record spatial "
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     keys = check(args)
     fusion = FusionConfig(args.method, args.one_shot, args.eps, args.sample_steps, args.sample_seed, args.guidance,
-                          args.gram_dtype)  # bad values fail here, before any process starts
+                          args.gram_dtype, args.placement)  # bad values fail here, before any process starts
     settings = Settings(str(Path(args.out).resolve()), str(Path(args.state_dir).resolve()), args.rounds,
                         args.min_clients, args.stage_timeout, args.base, not args.no_preview, fusion=fusion)
     tls_names = [args.host, socket.gethostname(), *args.tls_name]

@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps for spatial statistics (stage 3)")
     p.add_argument("--sample-seed", type=int, default=0, help="seed of the stage-3 sampling (default 0)")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance of the stage-3 sampling (default 7.5)")
+    p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
+                   help="layers fused (default: the base's, as tuning places LoRA: wide on tiny/world, else attention)")
     p.add_argument("--eps", type=float, default=FUSION_EPS, help=f"ridge factor ε (λ = ε·tr(ΣG)/d; default {FUSION_EPS:g})")
     add_base_options(p)
     p.set_defaults(run=run)
@@ -31,7 +33,8 @@ def run(args) -> int:
     from mos.shared.fusion.config import FusionConfig
     from mos.shared.fusion.local import fuse, write_result
 
-    config = FusionConfig(args.method, args.one_shot, args.eps, args.steps, args.sample_seed, args.guidance)
+    config = FusionConfig(args.method, args.one_shot, args.eps, args.steps, args.sample_seed, args.guidance,
+                          placement=args.placement)
     adapters = [adapter_io.load(p) for p in args.adapters]
     result = fuse(adapters, args.base, config, args.device, args.dtype)
     out = Path(args.out)

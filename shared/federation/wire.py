@@ -61,8 +61,8 @@ class BaseManifest:
     embedding_dim: int
 
     @classmethod
-    def from_base(cls, base) -> "BaseManifest":
-        return cls(base.fingerprint, tuple(input_sites(base.text_encoder, base.unet)),
+    def from_base(cls, base, placement: str = "attention") -> "BaseManifest":
+        return cls(base.fingerprint, tuple(input_sites(base.text_encoder, base.unet, placement)),
                    len(cross_attention_layers(base.unet)), int(base.text_encoder.config.hidden_size))
 
     def site(self, name: str) -> Site | None:
@@ -243,7 +243,7 @@ def encode_tune(fingerprint: str, round_: int, config: FusionConfig, known: list
 
 def _put_config(m, config: FusionConfig) -> None:
     """The part of the fusion config a client needs, into a TuneRequest or FusedManifest."""
-    m.one_shot, m.gram_dtype = config.one_shot, config.gram_dtype
+    m.one_shot, m.gram_dtype, m.placement = config.one_shot, config.gram_dtype, config.placement or "attention"
     m.sampling.CopyFrom(pb.Sampling(steps=config.sample_steps, seed=config.sample_seed, guidance=config.guidance))
 
 
@@ -253,6 +253,7 @@ def config_of(m) -> FusionConfig:
     s = m.sampling if m.HasField("sampling") else None
     try:
         return FusionConfig(one_shot=m.one_shot, gram_dtype=m.gram_dtype or d.gram_dtype,
+                            placement=m.placement or "attention",
                             sample_steps=s.steps if s else d.sample_steps, sample_seed=s.seed if s else d.sample_seed,
                             guidance=s.guidance if s else d.guidance)
     except ValueError as e:

@@ -6,12 +6,16 @@ kohya (AUTOMATIC1111, ComfyUI, sd-scripts), SD1.x: "lora_unet_<path, dots as _>"
 diffusers / peft: "unet.<path>.lora_A.weight" = A, ".lora_B.weight" = B (older files: ".lora.down.weight",
     ".lora.up.weight"), "text_encoder.<path>…";  ΔW = B @ A unless an ".alpha" says otherwise.
 
-Exports keep every layer's own rank and give exactly our ΔW at a multiplier of 1.0 in those tools.
+Exports keep every layer's own rank and give exactly our ΔW at a multiplier of 1.0 in those tools. On a
+convolution both conventions hold down/A as a k×k convolution [r, C, k, k] and up/B as a 1×1 one [out, r, 1, 1]
+(kohya's LoCon form); ours are the same numbers as matrices.
 Reading resolves each key against the base's real module names (a kohya name is ambiguous once its dots are
 underscores), so a key that names no layer of the base, or a layer of another shape, is a clear error.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -36,7 +40,16 @@ def kohya_name(layer: str) -> str:
     return KOHYA[component] + path.replace(".", "_")
 
 
-def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:
+def _as_module_weights(layer: str, B: torch.Tensor, A: torch.Tensor, shapes: dict[str, tuple[int, ...]] | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) shaped as the layer's LoRA modules hold them: 4-D on a convolution."""
+    shape = (shapes or {}).get(layer)
+    if shape is None or len(shape) == 2:
+        return B, A
+    return B.reshape(B.shape[0], B.shape[1], 1, 1), A.reshape(A.shape[0], shape[1], *shape[2:])
+
+
+def to_kohya(lora: Lora, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     """One α for every layer (α = the largest rank), as kohya's trainer writes it; up = B·r/α keeps ΔW exact.
 
     Per-layer α = r would be as valid, but diffusers 0.42's kohya loader drops per-layer alphas (its alpha_pattern
@@ -45,15 +58,17 @@ def to_kohya(lora: Lora) -> dict[str, torch.Tensor]:
     out = {}
     for layer, (B, A) in lora.items():
         k = kohya_name(layer)
-        out[f"{k}.lora_down.weight"] = A.float().contiguous()
-        out[f"{k}.lora_up.weight"] = (B.double() * (A.shape[0] / alpha)).float().contiguous()
+        up, down = _as_module_weights(layer, B.double() * (A.shape[0] / alpha), A, shapes)
+        out[f"{k}.lora_down.weight"] = down.float().contiguous()
+        out[f"{k}.lora_up.weight"] = up.float().contiguous()
         out[f"{k}.alpha"] = torch.tensor(alpha)
     return out
 
 
-def to_diffusers(lora: Lora) -> dict[str, torch.Tensor]:
+def to_diffusers(lora: Lora, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     out = {}
     for layer, (B, A) in lora.items():
+        B, A = _as_module_weights(layer, B, A, shapes)
         out[f"{layer}.lora_A.weight"] = A.float().contiguous()
         out[f"{layer}.lora_B.weight"] = B.float().contiguous()
     return out
@@ -110,10 +125,12 @@ def _pair(layer: str, p: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tup
     if "A" not in p or "B" not in p:
         raise LoraFormatError(f"{layer}: the LoRA has only {sorted(p)}, needs both down (A) and up (B)")
     A, B = p["A"], p["B"]
-    if A.ndim != 2 or B.ndim != 2 or len(shape) != 2:
-        raise LoraFormatError(f"{layer}: only LoRA on linear layers is supported (got A{tuple(A.shape)} "
-                              f"B{tuple(B.shape)} on a weight of shape {shape})")
+    if A.ndim != len(shape) or B.ndim != len(shape) or len(shape) not in (2, 4) or B.shape[2:] not in ((), (1, 1)):
+        raise LoraFormatError(f"{layer}: LoRA A{tuple(A.shape)} B{tuple(B.shape)} does not fit a layer with weight "
+                              f"{shape} (linear layers, and convolutions with a 1×1 up)")
+    A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # a convolution's, over unfolded patches
     r = A.shape[0]
+    shape = (shape[0], math.prod(shape[1:]))
     if B.shape[1] != r or (B.shape[0], A.shape[1]) != shape:
         raise LoraFormatError(f"{layer}: LoRA B{tuple(B.shape)} @ A{tuple(A.shape)} does not fit the base's weight "
                               f"{shape}: was it trained on another base model?")

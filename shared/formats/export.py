@@ -27,6 +27,7 @@ from mos.shared.files import save_tensors
 from mos.shared.formats import conversions as lora_formats
 from mos.shared.formats.adapter import Adapter
 from mos.shared.sd.base import Base, check_same_base
+from mos.shared.sd.lora import as_weight
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def merge_lora(base: Base, adapter: Adapter) -> None:
     for layer, (B, A) in adapter.lora.items():
         component, _, path = layer.partition(".")
         w = models[component].get_submodule(path).weight
-        w += (B.double() @ A.double()).to(w.device, w.dtype)
+        w += as_weight(B.double() @ A.double(), w).to(w.device, w.dtype)
 
 
 @torch.no_grad()
@@ -68,6 +69,10 @@ def write_embeddings(adapter: Adapter, folder: Path) -> list[Path]:
             out.append(folder / f"{c.name}.safetensors")
             save_file({"emb_params": c.embeddings.mean(dim=0).float().contiguous()}, out[-1])
     return out
+
+
+def _shapes(base: Base) -> dict[str, tuple[int, ...]]:
+    return lora_formats.linear_shapes({"text_encoder": base.text_encoder, "unet": base.unet})
 
 
 def _check(base: Base, adapter: Adapter) -> None:
@@ -112,7 +117,8 @@ def write_pipeline(base: Base, adapter: Adapter, out: str | Path) -> Path:
         (tmp / "concepts.json").write_text(_concepts_json(
             base, handles, "write the handle's tokens in prompts, e.g. 'a photo of <alice_a> <alice_b>'"))
         (tmp / "lora").mkdir()
-        save_file(lora_formats.to_diffusers(adapter.lora), tmp / "lora" / "pytorch_lora_weights.safetensors")
+        save_file(lora_formats.to_diffusers(adapter.lora, _shapes(base)),
+                  tmp / "lora" / "pytorch_lora_weights.safetensors")
         write_embeddings(adapter, tmp / "lora" / "embeddings")
 
     return _atomic_dir(Path(out), write)
@@ -134,7 +140,7 @@ def write_kohya(base: Base, adapter: Adapter, out: str | Path) -> tuple[Path, Pa
             "in ComfyUI 'embedding:alice'"))
 
     _atomic_dir(emb_dir, write)
-    save_tensors(lora_formats.to_kohya(adapter.lora), out,
+    save_tensors(lora_formats.to_kohya(adapter.lora, _shapes(base)), out,
                  {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1",
                   "mos_base_fingerprint": base.fingerprint, "mos_concepts": json.dumps(handles)})
     return out, emb_dir

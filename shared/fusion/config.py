@@ -7,7 +7,7 @@ round computes exactly what `mos fuse` computes with the same config, defaults o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 METHODS = ("gradient", "weight")
 GRAM_DTYPES = ("float32", "float64")
@@ -28,6 +28,7 @@ class FusionConfig:
     sample_seed: int = 0         # ... from these starting latents ...
     guidance: float = 7.5        # ... at this classifier-free guidance
     gram_dtype: str = "float32"  # how clients send Grams: float32 (half the bytes) or float64 (exact)
+    placement: str | None = None  # layers fused (sd/sites.py); None: the base's default, as tuning uses
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -38,8 +39,16 @@ class FusionConfig:
             raise ValueError(f"stage-3 sampling steps must be 1..1000, not {self.sample_steps}")
         if not 0 <= self.guidance <= 100 or not 0 <= self.sample_seed < 2**32:
             raise ValueError(f"guidance {self.guidance} (0..100) or seed {self.sample_seed} (0..2^32) out of range")
+        if self.placement not in (None, "attention", "transformer", "wide"):
+            raise ValueError(f"placement {self.placement!r}: use attention, transformer or wide")
         if not self.eps >= 0:
             raise ValueError(f"ridge factor ε must be >= 0, not {self.eps}")
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self, base_spec: str) -> "FusionConfig":
+        """With the placement the base's recipe tunes (when unset): the fusion then covers every tuned layer."""
+        from mos.shared.sd.architectures import default_placement
+
+        return self if self.placement else replace(self, placement=default_placement(base_spec))

@@ -56,7 +56,8 @@ def fuse(adapters: list[Adapter], base: str | Base = "tiny", config: FusionConfi
          device: str | None = None, dtype: str | None = None, progress: bool = True) -> Adapter:
     """Fuse tuned concepts on this machine. `base` may be a loaded Base (left unchanged: each stage copies it)."""
     loaded = base if isinstance(base, Base) else load_base(base, device, dtype)
-    fusion = Fusion(loaded.fingerprint, input_sites(loaded.text_encoder, loaded.unet), config)
+    config = config.resolved(loaded.spec)
+    fusion = Fusion(loaded.fingerprint, input_sites(loaded.text_encoder, loaded.unet, config.placement), config)
     for a in adapters:  # fail before any work on a base mismatch
         fusion.check_base(a)
     return run_fusion(LocalRunner(loaded, adapters, progress), fusion)

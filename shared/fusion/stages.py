@@ -32,9 +32,9 @@ def prompts_for(concept: str) -> list[str]:
     return [p.format(f"<{concept}>") for p in PROMPTS]
 
 
-def sites_of(base_or_model, stage: int) -> list[Site]:
+def sites_of(base_or_model, stage: int, placement: str | None = None) -> list[Site]:
     b = base_or_model.base if isinstance(base_or_model, ConceptModel) else base_or_model
-    return [s for s in input_sites(b.text_encoder, b.unet) if s.stage == stage]
+    return [s for s in input_sites(b.text_encoder, b.unet, placement or "attention") if s.stage == stage]
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ def spatial_stats(model: ConceptModel, concept: str, config: FusionConfig = Fusi
     prompts = prompts_for(concept)[:SAMPLE_PROMPTS]
     cond, uncond = model.encode(prompts), model.encode([""] * len(prompts))
     latents = torch.cat([initial_latents(model, 1, config.sample_seed + i) for i in range(len(prompts))])
-    with StatsRecorder(model.models, sites_of(model, 3)) as rec:
+    with StatsRecorder(model.models, sites_of(model, 3, config.placement)) as rec:
         denoise(model, cond, uncond, latents, config.sample_steps, config.guidance, progress=False)
     return rec.stats
 
@@ -93,7 +93,7 @@ def stage2(base: Base, fused_te: Lora, concepts: list[Concept], concept: str) ->
 def stage3(base: Base, fused: Lora, own: Adapter, concepts: list[Concept], concept: str,
            config: FusionConfig = FusionConfig()) -> Stats:
     """Spatial statistics with fused text encoder + fused k/v and the concept's own spatial LoRA."""
-    spatial = {s for site in sites_of(base, 3) for s in site.layers}
+    spatial = {s for site in sites_of(base, 3, config.placement) for s in site.layers}
     lora = {k: v for k, v in fused.items() if k not in spatial}
     lora |= {k: v for k, v in own.lora.items() if k in spatial}
     model = ConceptModel(base)

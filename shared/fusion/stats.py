@@ -1,7 +1,8 @@
 """Input-activation statistics: one Gram matrix XᵀX (float64) and a row count per input site.
 
 Forward pre-hooks on the first LoRA'd layer of each site see exactly the tensor every layer of that site reads
-(peft's wrapper passes its input to the base layer unchanged). Only the running sums are kept, never activations.
+(peft's wrapper passes its input to the base layer unchanged). A convolution's rows are its unfolded input
+patches. Only the running sums are kept, never activations.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mos.shared.sd.sites import Site
 
@@ -28,6 +30,14 @@ class Gram:
 
 
 Stats = dict[str, Gram]
+
+
+def rows(x: torch.Tensor, site: Site) -> torch.Tensor:
+    """The input rows a site's layers see: the tensor itself, or a convolution's patches [.., C·k·k]."""
+    if site.conv is None:
+        return x
+    c = site.conv
+    return F.unfold(x, c.kernel, padding=c.padding, stride=c.stride).transpose(1, 2)
 
 
 def empty(dim: int, device: torch.device | str = "cpu") -> Gram:
@@ -57,7 +67,8 @@ class StatsRecorder:
             module = self._module(site.layers[0])
             device = next(module.parameters()).device
             gram = self.stats.setdefault(site.name, empty(site.dim, device))
-            self._handles.append(module.register_forward_pre_hook(lambda m, args, g=gram: g.add_rows(args[0])))
+            self._handles.append(module.register_forward_pre_hook(
+                lambda m, args, g=gram, s=site: g.add_rows(rows(args[0], s))))
         return self
 
     def __exit__(self, *exc) -> None:

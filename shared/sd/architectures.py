@@ -5,6 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+def recipe_of(spec: str) -> str:
+    """Which tuning recipe a base takes: `small` for the pretrained toy world, whose attention projections alone
+    cannot take a concept's shape (docs/world.md); `reference` (the paper's) for real bases and for `tiny` (random
+    weights: it draws noise either way, and it is the test base)."""
+    return "small" if spec == "world" else "reference"
+
+
+def default_placement(spec: str) -> str:
+    """The layers a base's recipe puts LoRA on, so tuning and fusion agree without being told."""
+    return "wide" if recipe_of(spec) == "small" else "attention"
+
+
 _DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 _UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
 

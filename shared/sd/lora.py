@@ -1,7 +1,9 @@
-"""LoRA on the base's attention linears, through peft.
+"""LoRA on the base's layers (the sites of sites.py), through peft.
 
-Everywhere outside this file a LoRA is a pair (B, A) per layer with the scale folded into B, so that
-ΔW = B @ A; layer names carry their component prefix ("text_encoder." / "unet.").
+Everywhere outside this file a LoRA is a pair of matrices (B, A) per layer with the scale folded into B, so that
+ΔW = B @ A; layer names carry their component prefix ("text_encoder." / "unet."). On a convolution peft holds A as
+a k×k convolution [r, C, k, k] and B as a 1×1 one [out, r, 1, 1]; as matrices they are A [r, C·k·k] and B [out, r],
+and ΔW = B @ A is the convolution's weight change over unfolded patches (reshaped to [out, C, k, k] to apply).
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ def lora_layers(models: dict[str, torch.nn.Module]) -> dict[str, LoraLayer]:
 
 
 def read(models: dict[str, torch.nn.Module]) -> Lora:
-    """(B·scale, A) of every LoRA layer, float32 on CPU."""
+    """(B·scale, A) of every LoRA layer as matrices, float32 on CPU."""
     out = {}
     for name, m in lora_layers(models).items():
         scale = m.scaling[ADAPTER]
         B = m.lora_B[ADAPTER].weight.detach().float().cpu() * scale
-        out[name] = (B, m.lora_A[ADAPTER].weight.detach().float().cpu().clone())
+        A = m.lora_A[ADAPTER].weight.detach().float().cpu().clone()
+        out[name] = (B.reshape(B.shape[0], -1), A.reshape(A.shape[0], -1))
     return out
 
 
@@ -56,11 +59,11 @@ def write(models: dict[str, torch.nn.Module], lora: Lora) -> None:
         for name, (B, A) in lora.items():
             m = layers[name]
             a, b = m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
-            if a.shape != A.shape or b.shape != B.shape:
+            if (a.shape[0], a[0].numel()) != tuple(A.shape) or (b.shape[0], b[0].numel()) != tuple(B.shape):
                 raise ValueError(f"LoRA shape mismatch at {name}: adapter B{tuple(B.shape)} A{tuple(A.shape)}, "
                                  f"model B{tuple(b.shape)} A{tuple(a.shape)}")
-            a.copy_(A)
-            b.copy_(B / m.scaling[ADAPTER])
+            a.copy_(A.reshape(a.shape))
+            b.copy_((B / m.scaling[ADAPTER]).reshape(b.shape))
 
 
 def trainable_parameters(models: dict[str, torch.nn.Module], component: str) -> list[torch.nn.Parameter]:
@@ -75,3 +78,8 @@ def trainable_parameters(models: dict[str, torch.nn.Module], component: str) -> 
 def delta(lora: Lora, layer: str) -> torch.Tensor:
     B, A = lora[layer]
     return B @ A
+
+
+def as_weight(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A ΔW matrix [out, in·k·k] in the shape of the layer's weight (a convolution's [out, in, k, k])."""
+    return delta.reshape(weight.shape)

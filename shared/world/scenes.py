@@ -5,7 +5,8 @@ from the same facts ("a big red circle on the left and a small blue square on th
 Captions leave facts out at random (then they are drawn at random), so the model learns each word on its own.
 
 The demo concepts (data/alice, bob, carol) are objects this world has no words for: shapes and patterns outside
-the vocabulary below (`CONCEPTS`), drawn by the same renderer so that they live in the same picture space.
+the vocabulary below (`CONCEPTS`), drawn by the same renderer so that they live in the same picture space
+(`draw_concepts` writes their folders, deterministically).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -48,7 +50,8 @@ class Look:
 
 CONCEPTS = {"alice": Look("star", "stripes", "red", "white", "diamond"),
             "bob": Look("ring", "checks", "blue", "yellow", "circle"),
-            "carol": Look("heart", "dots", "purple", "orange", "triangle")}
+            # a second star: two concepts of one class, so that fusing them can show concept conflict
+            "carol": Look("star", "dots", "purple", "orange", "diamond")}
 
 
 @dataclass
@@ -235,3 +238,22 @@ def concept_scene(name: str, rng: random.Random) -> tuple[Scene, str]:
     scene = Scene(things, rng.choice(list(BACKGROUNDS)), said=said)
     scene.caption = caption(scene, ["<TOK>"] + [None] * (len(things) - 1))
     return scene, scene.caption
+
+
+def draw_concepts(out: str | Path, n: int = 10, names: tuple[str, ...] = tuple(CONCEPTS)) -> list[Path]:
+    """Write each demo concept's folder under `out`: n images alone or beside a world object, a caption with <TOK>
+    and the concept's mask beside each, and concept.toml. The same folders every time (seeded per concept)."""
+    folders = []
+    for name in names:
+        rng = random.Random(1000 + list(CONCEPTS).index(name))
+        folder = Path(out) / name
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        (folder / "concept.toml").write_text(f'name = "{name}"\nclass_word = "{CONCEPTS[name].class_word}"\n')
+        for i in range(n):
+            scene, text = concept_scene(name, rng)
+            img, masks = render(scene)
+            img.save(folder / f"{i:02d}.png", optimize=True)
+            masks[0].point(lambda v: 255 if v >= 128 else 0).save(folder / "masks" / f"{i:02d}.png", optimize=True)
+            (folder / f"{i:02d}.txt").write_text(text + "\n")
+        folders.append(folder)
+    return folders
