@@ -38,13 +38,21 @@ def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_pat
         r["base_alone"]["prompt_following"], *r["base_alone"]["binding"].values()]
     assert set(r["base_alone"]["binding"]) == {"plain", "regional"}
     assert all(0.0 <= x <= 1.0 for x in rates)
-    assert [len(v) for v in pictures.values()] == [4, 4]  # per mode: images x (concept pair, concept + object)
+    assert [len(v) for v in pictures.values()] == [4, 4]  # per mode: images x (three concepts, concept + object)
+    assert set(r["summary"]) == {"single_edlora_min", "single_lora_min", "fused3_gradient_keep_min",
+                                 "fused3_weight_keep_min", "regional_all_present", "plain_all_present",
+                                 "base_two_objects_regional"}
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in r["summary"].values())
+    assert r["summary"]["single_edlora_min"] == min(v["ed-lora"] for v in r["single"].values())
+    assert r["summary"]["regional_all_present"] == r["multi"]["regional"]["all_present"]
 
-    # the second run tunes and fuses nothing, and measures the same (everything is seeded)
+    # the second run (in this process: tuning ran in two worker processes) tunes and fuses nothing, and measures
+    # the same (everything is seeded)
     monkeypatch.setattr(tune_mod, "make_trainer", lambda *a, **k: pytest.fail("tuned again"))
     monkeypatch.setattr("mos.shared.fusion.local.fuse", lambda *a, **k: pytest.fail("fused again"))
+    s.workers = 1
     again, _ = we.evaluate(s, "tiny", judge)
-    assert again == r
+    assert {k: v for k, v in again.items() if k != "settings"} == {k: v for k, v in r.items() if k != "settings"}
 
     we.write(r, pictures, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "world_eval.json").read_text()) == json.loads(json.dumps(r))
@@ -80,6 +88,26 @@ def test_world_base_draws_the_shape_colour_and_place_a_prompt_names(tmp_path):
 def test_eval_world_cli_refuses_missing_concept_folder(tmp_path):
     proc = run_cli("mos", "eval", "world", "--data", str(tmp_path), "--base", "tiny", check=False)
     assert proc.returncode != 0 and "no concept folder" in proc.stderr
+
+
+def test_eval_world_cli_from_an_empty_folder_prints_only_json(tmp_path):
+    """From any directory: the demo concepts are drawn into the work folder (the same as data/), and --json
+    prints the JSON and nothing else on stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    cmd = [str(Path(sys.executable).parent / "mos"), "eval", "world", "--base", "tiny", "--base-only", "--images",
+           "1", "--steps", "2", "--json", "--work", str(work), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)) == {"settings", "base", "base_fingerprint", "base_alone"}
+    for name in ("alice", "bob", "carol"):
+        assert sorted(p.name for p in (work / "concepts" / name).iterdir()) == sorted(
+            p.name for p in (DATA / name).iterdir()), name
+        assert (work / "concepts" / name / "00.png").read_bytes() == (DATA / name / "00.png").read_bytes()
 
 
 @pytest.mark.skipif(not judge_mod.WEIGHTS.is_file(), reason="judge weights not trained (scripts/train_judge.py)")

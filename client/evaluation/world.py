@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ from mos.shared.world import scenes as world
 from mos.shared.world.judge import Judge
 
 HALVES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
+# Three concepts in one 64-px picture: three square boxes the size of a big object's (what the judge reads best)
+THIRDS = ((0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.25, 0.5, 0.75, 1.0))
 PLACES = ("left", "right", "center")
 
 
@@ -47,6 +51,7 @@ class Settings:
     sample_steps: int = 20
     fusion_steps: int = 10     # sampling steps for stage-3 statistics
     seed: int = 0
+    workers: int = 2           # tuning runs side by side
 
 
 def box(position: str) -> tuple[float, float, float, float]:
@@ -66,19 +71,37 @@ def recognition(base_fn, adapter: Adapter, judge: Judge, name: str, s: Settings)
     return hits / s.images
 
 
-def tune_all(s: Settings, base_fn, plain: bool) -> dict[str, Adapter]:
-    from mos.client.tuning.edlora import TuneConfig, plain_trigger
+def tune_all(s: Settings, base_spec: str) -> dict[str, dict[str, Adapter]]:
+    """{"ed-lora" | "lora": {concept: adapter}}: every concept tuned both ways, `s.workers` runs at a time (one
+    CPU thread each: a toy model gains nothing from a second thread, and runs side by side use both cores)."""
+    from mos.client.tuning.edlora import plain_trigger
+
+    jobs = []
+    for kind in ("ed-lora", "lora"):
+        for name in s.concepts:
+            look = world.CONCEPTS.get(name)
+            trigger = plain_trigger(look.class_word if look else "") if kind == "lora" else ""
+            folder = s.work / ("lora" if kind == "lora" else "edlora") / name
+            jobs.append((kind, name, (str(s.data / name), str(folder), base_spec, s.tune_steps, s.seed, trigger)))
+    if s.workers > 1:
+        with ProcessPoolExecutor(s.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            folders = list(pool.map(_tune_one, [args for _, _, args in jobs]))
+    else:
+        folders = [_tune_one(args) for _, _, args in jobs]
+    out: dict[str, dict[str, Adapter]] = {"ed-lora": {}, "lora": {}}
+    for (kind, name, _), folder in zip(jobs, folders):
+        out[kind][name] = adapter_io.load(folder)
+    return out
+
+
+def _tune_one(args: tuple) -> str:
+    """One tuning run (a process of its own when runs go side by side; the result is cached on disk)."""
+    from mos.client.tuning.edlora import TuneConfig
     from mos.client.tuning.tune import tune
 
-    out = {}
-    for name in s.concepts:
-        look = world.CONCEPTS.get(name)
-        trigger = plain_trigger(look.class_word if look else "") if plain else ""
-        config = TuneConfig(steps=s.tune_steps, seed=s.seed, trigger=trigger)
-        folder = tune(s.data / name, s.work / ("lora" if plain else "edlora") / name, config, base_fn(),
-                      progress=False)
-        out[name] = adapter_io.load(folder)
-    return out
+    data, folder, base_spec, steps, seed, trigger = args
+    torch.set_num_threads(1)
+    return str(tune(data, folder, TuneConfig(steps=steps, seed=seed, trigger=trigger), base_spec, progress=False))
 
 
 def fused(s: Settings, base: Base, owns: list[Adapter], method: str, one_shot: bool) -> Adapter:
@@ -142,21 +165,32 @@ def base_rates(base: Base, judge: Judge, s: Settings) -> dict:
             "binding": {mode: object_binding(model, judge, s, mode == "regional") for mode in ("plain", "regional")}}
 
 
+def together(model: ConceptModel, judge: Judge, names: list[str], regional: bool, seed: int, s: Settings
+             ) -> tuple[Image.Image, bool]:
+    """A picture of every concept (regional: each in its own box), and whether the judge finds each in its box."""
+    boxes = THIRDS if len(names) == 3 else tuple(HALVES.values())[: len(names)]
+    regions = [Region(f"a <{n}>", box=b) for n, b in zip(names, boxes)] if regional else ()
+    prompt = ", ".join(f"a <{n}>" for n in names[:-1]) + f" and a <{names[-1]}>"
+    img = sample_regional(model, prompt, regions=regions, seed=seed, steps=s.sample_steps, progress=False)
+    return img, all(g["object"] == n for g, n in zip(judge(img, list(boxes)), names))
+
+
 def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> tuple[dict, dict[str, list]]:
-    """All-present and binding rates, plain prompt vs regional sampling; and the two-concept pictures per mode."""
+    """Plain prompt vs regional sampling: how often every concept is found in its own box (pictures of all the
+    concepts, in turn in every order), and binding (a concept beside a world object of a named colour)."""
     model = ConceptModel.from_adapter(base_fn(), adapter)
     names = list(s.concepts)
-    pairs = [(names[i], names[(i + 1) % len(names)]) for i in range(len(names))]
+    orders = [names[i:] + names[:i] for i in range(len(names))]
+    orders += [o[::-1] for o in orders]
     colours = list(world.COLOURS)
     out, pictures = {}, {"plain": [], "regional": []}
     for mode in ("plain", "regional"):
         present = bound = 0
         for i in range(s.images):
-            a, b = pairs[i % len(pairs)]
-            left, right = (a, b) if i % 2 == 0 else (b, a)
-            img, got = pair(model, judge, f"a <{left}>", f"a <{right}>", mode == "regional", s.seed + 100 + i, s)
+            img, found = together(model, judge, orders[i % len(orders)], mode == "regional", s.seed + 100 + i, s)
             pictures[mode].append(img)
-            present += got[0]["object"] == left and got[1]["object"] == right
+            present += found
+            left = orders[i % len(orders)][0]
             shape, colour = world.SHAPES[i % len(world.SHAPES)], colours[i % len(colours)]
             img, got = pair(model, judge, f"a <{left}>", f"a {colour} {shape}", mode == "regional",
                             s.seed + 200 + i, s)
@@ -184,7 +218,8 @@ def evaluate(s: Settings, base_spec: str = "world", judge: Judge | None = None, 
     if base_only:
         return head, {}
     steps = tqdm(total=4, desc="eval world", unit="part")
-    ed, plain = tune_all(s, fresh, plain=False), tune_all(s, fresh, plain=True)
+    tuned = tune_all(s, base_spec)
+    ed, plain = tuned["ed-lora"], tuned["lora"]
     steps.update()
     single = {n: {"ed-lora": recognition(fresh, ed[n], judge, n, s), "lora": recognition(fresh, plain[n], judge, n, s)}
               for n in s.concepts}
@@ -287,7 +322,7 @@ def figure(r: dict, path: Path) -> None:
 
 
 def strip(pictures: dict[str, list], path: Path, scale: int = 3) -> None:
-    """One row per mode (plain prompt, regional) of the multi-concept pictures, enlarged, halves marked."""
+    """One row per mode (plain prompt, regional) of the multi-concept pictures, enlarged."""
     from PIL import ImageDraw
 
     rows = [(mode, ims) for mode, ims in pictures.items() if ims]
@@ -300,7 +335,6 @@ def strip(pictures: dict[str, list], path: Path, scale: int = 3) -> None:
         for c, im in enumerate(ims):
             x, y = label + c * W, r * H
             sheet.paste(im.resize((W, H), Image.LANCZOS), (x, y))
-            d.line((x + W // 2, y, x + W // 2, y + H - 1), fill=(255, 255, 255), width=1)
     sheet.save(path)
 
 

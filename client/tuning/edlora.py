@@ -42,7 +42,7 @@ class TuneConfig:
     weight_decay: float = 0.01
     noise_offset: float = 0.01
     embedding_norm_stop: float = 0.55
-    attention_reg: float = 0.01
+    attention_reg: float | None = None   # weight of the mask attention regulariser (0: off)
     init_std: float = 0.013
     trigger: str = ""  # plain LoRA: no concept tokens, the handle stands for these words (the paper's LoRA baseline)
 
@@ -246,7 +246,8 @@ def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = Tr
     dev, unet, vae = base.device, base.unet, base.vae
     g = seeded(cfg.seed, "noise", step)
     ids, positions = token_ids(trainer, batch.captions, layerwise)
-    masked = use_masks and bool(batch.has_mask.any()) and trainer.recorder is not None
+    masked = use_masks and bool(batch.has_mask.any())
+    regularised = masked and trainer.recorder is not None
 
     with torch.no_grad():
         dist = vae.encode(batch.pixels.to(dev, vae.dtype)).latent_dist
@@ -260,17 +261,14 @@ def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = Tr
     target = prediction_target(trainer, latents, noise, t)
 
     if trainer.recorder is not None:
-        trainer.recorder.start(positions if masked else None)
+        trainer.recorder.start(positions if regularised else None)
     with trainer.autocast():
         hidden = base.text_encoder(ids.reshape(-1, ids.shape[-1]).to(dev)).last_hidden_state
         cond = hidden.view(b, -1, *hidden.shape[1:]) if layerwise else hidden
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
     err = (pred.float() - target.float()) ** 2
-    if masked:
-        mse = masked_mse(err, batch.masks.to(dev), batch.has_mask.to(dev), cfg.mask_outside)
-        reg = attention_loss(trainer.recorder.take(), batch.masks, batch.has_mask)
-    else:
-        mse, reg = err.mean(), err.new_zeros(())
+    mse = masked_mse(err, batch.masks.to(dev), batch.has_mask.to(dev), cfg.mask_outside) if masked else err.mean()
+    reg = attention_loss(trainer.recorder.take(), batch.masks, batch.has_mask) if regularised else err.new_zeros(())
     return mse + cfg.attention_reg * reg, mse, reg
 
 

@@ -140,7 +140,8 @@ def run(trainer: Trainer, data: ConceptData, out: Path, key: dict, resume: bool,
         say(f"no checkpoint in {out}: starting from step 0", sys.stderr)
     elif ckpt.is_file():
         say(f"starting over (pass --resume to continue from {ckpt})", sys.stderr)
-    recording = trainer.attention_recording() if data.has_masks else contextlib.nullcontext()
+    regularised = data.has_masks and cfg.attention_reg > 0
+    recording = trainer.attention_recording() if regularised else contextlib.nullcontext()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"tune <{data.name}>", unit="step", disable=not progress,
                dynamic_ncols=True)
     with recording, bar:
