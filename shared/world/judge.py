@@ -1,6 +1,8 @@
 """The judge: a small CNN that says what is inside a box of a world picture, and in which colour.
 
-Classes: the world's shapes, the demo concepts (made-up objects) and "none" (empty background); colours: the world's.
+Classes: the world's shapes, the demo concepts (made-up objects), "other" (a made-up object that is none of the
+concepts: a concept's shape and pattern with its colour, pattern or pattern colour changed, a near miss) and "none"
+(empty background); colours: the world's. A concept is its whole look, not its shape: alice and carol are both stars.
 Trained by scripts/train_judge.py on crops of the generator's renders, blurred and noised the way a small diffusion
 model's pictures are; its weights ship with the package (shared/world/judge.safetensors). `mos eval world` asks it
 whether each concept appears in its box and whether attributes stayed on the right object.
@@ -18,7 +20,7 @@ from torch import nn
 from mos.shared.world import scenes as world
 
 CROP = 32
-OBJECTS = (*world.SHAPES, *world.CONCEPTS, "none")
+OBJECTS = (*world.SHAPES, *world.CONCEPTS, "other", "none")  # consumers index by name
 COLOURS = tuple(world.COLOURS)
 WEIGHTS = Path(__file__).resolve().parent / "judge.safetensors"
 
