@@ -25,7 +25,7 @@ from mos.shared.federation import wire
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
-from mos.shared.fusion.driver import Fusion
+from mos.shared.fusion.driver import Fusion, FusionError
 from mos.shared.fusion.stats import Stats
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.lora import Lora
@@ -63,8 +63,9 @@ def send_notices(grid: Grid, notices: dict[int, tuple[str, str]], round_: int, t
 
 class FlowerRunner:
     def __init__(self, grid: Grid, fusion: Fusion, manifest: wire.BaseManifest, state: ServerState, round_: int,
-                 nodes: list[int], timeout: float, say: Callable[[str], None]):
+                 nodes: list[int], timeout: float, say: Callable[[str], None], keys: dict[int, str] | None = None):
         self.grid = grid
+        self.keys = keys or {}  # node -> its registered key (--auth-keys); without keys no node has an identity
         self.fusion = fusion
         self.manifest = manifest
         self.state = state
@@ -158,7 +159,7 @@ class FlowerRunner:
     def stage1(self, config: FusionConfig) -> dict[str, tuple[Adapter, Stats]]:
         known = self.state.known(self.round)
         registry = self.state.registry()
-        offer = [f"{n}:{d}" for n, d in (registry | known).items()]
+        offer = [wire.held_token(n, d) for n, d in (registry | known).items()]
         self.members = {n: Member(n) for n in self.nodes}
         tune = {n: wire.encode_tune(self.manifest.fingerprint, self.round, config, offer)
                 for n in self.nodes}
@@ -197,6 +198,7 @@ class FlowerRunner:
             if any(o.name == name for n, o in self.members.items() if n != node):
                 raise wire.WireError(f"node {node}: concept name {name!r} is already taken by another client "
                                      "this round")
+            self._check_owner(node, name)
             m.name = name
             cm, adapter = wire.decode_concept(rd, self.manifest, f"node {node}")
             if cm.cached:
@@ -214,14 +216,34 @@ class FlowerRunner:
                          f"(digest {cm.adapter_digest[:12]}): no upload, no tuning")
             else:
                 _, stats = wire.decode_stats(rd, self.manifest, 1, cm.name, f"node {node}", one_shot)
+                self._check_reach(node, adapter, stats)
                 self.state.save_concept(self.round, adapter, cm.adapter_digest, {"node": node,
                                                                                   "data_digest": cm.data_digest})
                 self.state.save_stats(self.round, cm.name, 1, stats)
             m.adapter = adapter
+            if node in self.keys:
+                self.state.claim(cm.name, self.keys[node])
             return adapter, stats
         except (wire.WireError, adapter_io.AdapterError, ValueError) as e:
             self.leave(node, "rejected", str(e))
             return None
+
+    def _check_owner(self, node: int, name: str) -> None:
+        """A name belongs to the node key that first uploaded it; a node without a registered key (no
+        --auth-keys) cannot take a name a key owns."""
+        owner = self.state.owners().get(name)
+        if owner is not None and self.keys.get(node) != owner:
+            raise wire.WireError(f"node {node}: concept name {name!r} belongs to another node's key "
+                                 f"({owner[:20]}…); this node may not upload or claim it")
+
+    def _check_reach(self, node: int, adapter: Adapter, stats: Stats) -> None:
+        """The base's bounds (LoRA change, Gram power, XᵀX) before the upload counts, so an outlier is refused
+        by name instead of failing everyone's round."""
+        try:
+            self.fusion.check_adapter(adapter)
+            self.fusion.check_stats(adapter.concepts[0].name, stats)
+        except FusionError as e:
+            raise wire.WireError(f"node {node}: {e}") from None
 
     def _stage_stats(self, stats: dict[int, Stats], stage: int, one_shot: bool) -> Stats:
         """A stored concept's statistics for one stage. A one-shot upload holds every site under stage 1;
@@ -241,6 +263,10 @@ class FlowerRunner:
             m = self.members[node]
             try:
                 p, stats = wire.decode_stats(replies[node].content, self.manifest, stage, m.name, f"node {node}")
+                try:
+                    self.fusion.check_stats(m.name, stats)
+                except FusionError as e:
+                    raise wire.WireError(f"node {node}: {e}") from None
                 m.cache[kind] = p.from_cache
                 self.state.save_stats(self.round, m.name, stage, stats)
                 out[m.name] = stats

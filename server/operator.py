@@ -10,14 +10,18 @@ import sys
 import time
 from pathlib import Path
 
+from mos.server import gateway as gw
 from mos.server.settings import Settings
 from mos.shared.federation import flower_procs as fp
 from mos.shared.federation.tls import ensure_server_tls
+from mos.shared.files import read_json, write_json
 from mos.shared.runtime import say
 
 APP_DIR = Path(__file__).resolve().parent / "flwr_app"  # the bundle `flwr run` submits
 STATUS_EVERY_S = 15.0
 STATUS_MISSES = 8  # consecutive failed `flwr ls` calls (each up to 60 s) before giving up
+NODES = "nodes.json"    # STATE/nodes.json: node id -> registered key, read by the ServerApp (name ownership)
+LIMITS = "limits.json"  # STATE/limits.json: the ServerApp's upload cap for this base, read by the gateway
 
 
 def serve(settings: Settings, host: str, port: int, tls_dir: str | None, tls_names: list[str],
@@ -31,8 +35,19 @@ def serve(settings: Settings, host: str, port: int, tls_dir: str | None, tls_nam
         t = ensure_server_tls(tls_dir, tls_names)
         tls = fp.Tls(t.ca.resolve(), t.cert.resolve(), t.key.resolve())
         say(f"TLS on: clients need {t.ca.resolve()} (pass its folder as mos-client --tls-dir)")
-    link = fp.start_superlink(state / "flwr" / "superlink", host, port, state / "logs" / "superlink.log",
+    # The SuperLink (Fleet + Control + Runtime APIs on one port) listens on loopback only; the public port is
+    # the gateway, which forwards the Fleet API alone (server/gateway.py): control stays the operator's.
+    if fp.port_open(host, port):
+        raise OSError(f"port {port} on {host} is already in use: is another mos-server running? (use --port)")
+    (state / LIMITS).unlink(missing_ok=True)  # a cap from an earlier run must not apply to this one
+    internal = fp.free_port("127.0.0.1")
+    link = fp.start_superlink(state / "flwr" / "superlink", "127.0.0.1", internal, state / "logs" / "superlink.log",
                               tls, node_auth=bool(keys))
+    try:
+        door = open_gateway(host, port, internal, tls, state / LIMITS)
+    except OSError:
+        link.stop()
+        raise
     stop_now = False
 
     def on_signal(signum, _frame):
@@ -43,10 +58,12 @@ def serve(settings: Settings, host: str, port: int, tls_dir: str | None, tls_nam
     signal.signal(signal.SIGINT, on_signal)
     try:
         cli_home = state / "flwr" / "cli"
-        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        fp.write_cli_config(cli_home, f"{local}:{port}", tls.ca if tls else None)
+        if not keys:
+            (state / NODES).unlink(missing_ok=True)
+        fp.write_cli_config(cli_home, f"127.0.0.1:{internal}", tls.ca if tls else None)
         if keys:
-            fp.register_node_keys(cli_home, [k.resolve() for k in keys])
+            nodes = fp.register_node_keys(cli_home, [k.resolve() for k in keys])
+            write_json(state / NODES, nodes)  # node id -> key, so the ServerApp knows who owns which name
             say(f"node authentication on: {len(keys)} registered key(s) from {keys[0].parent}")
         progress = state / "progress.log"
         offset = progress.stat().st_size if progress.exists() else 0
@@ -54,7 +71,31 @@ def serve(settings: Settings, host: str, port: int, tls_dir: str | None, tls_nam
         say(f"listening on {host}:{port}; run {run_id} started, waiting for {settings.min_clients} client(s)")
         return follow(cli_home, run_id, progress, offset, link, lambda: stop_now, out)
     finally:
+        door.stop()
         link.stop()
+
+
+def open_gateway(host: str, port: int, internal: int, tls: fp.Tls | None, limits: Path) -> gw.Gateway:
+    """The public door: TLS with the server's certificate when there is one, the Fleet API only."""
+    server_ssl = gw.server_context(str(tls.cert), str(tls.key)) if tls else None
+    upstream_ssl = gw.client_context(str(tls.ca)) if tls else None
+    return gw.Gateway(host, port, internal, server_ssl, upstream_ssl, upload_cap=cap_reader(limits), log=say).start()
+
+
+def cap_reader(limits: Path):
+    """The upload cap the ServerApp wrote for this base (0 until it did: no client has anything to send yet)."""
+    seen: dict[str, object] = {"mtime": None, "cap": 0}
+
+    def cap() -> int:
+        try:
+            mtime = limits.stat().st_mtime_ns
+        except OSError:
+            return 0
+        if mtime != seen["mtime"]:
+            seen["cap"], seen["mtime"] = int((read_json(limits) or {}).get("upload_cap", 0)), mtime
+        return int(seen["cap"])
+
+    return cap
 
 
 def follow(cli_home: Path, run_id: int, progress: Path, offset: int, link, stopping, out: Path) -> int:

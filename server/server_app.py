@@ -18,7 +18,7 @@ from mos.server.flower_runner import FlowerRunner, fmt_bytes, send_notices
 from mos.server.settings import Settings
 from mos.server.state import ServerState
 from mos.shared.federation import wire
-from mos.shared.files import write_json
+from mos.shared.files import read_json, write_json
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.fusion.driver import Fusion, FusionError, run_fusion
 from mos.shared.runtime import limit_threads
@@ -65,7 +65,12 @@ def main(grid: Grid, context: Context) -> None:
     fusion_config = settings.fusion.resolved(base.spec)
     manifest = wire.BaseManifest.from_base(base, fusion_config.placement)
     state = ServerState(state_dir, base.fingerprint)
+    # The gateway (server/gateway.py, in mos-server) refuses a reply's objects past this many bytes.
+    write_json(state_dir / "limits.json", {"upload_cap": wire.upload_cap(manifest, fusion_config.one_shot)})
+    bounds = state.bounds(base, fusion_config.placement)
+    keys = node_keys(state_dir)
     served: set[int] = set()
+    failed: list[str] = []
     for _ in range(settings.rounds):
         r, resumed = state.open_round()
         say.prefix = f"[round {r}] "
@@ -73,8 +78,8 @@ def main(grid: Grid, context: Context) -> None:
             say(f"resuming: the server stopped during this round; held concepts: "
                 f"{', '.join(state.known(r)) or 'none'}")
         nodes = wait_for_clients(grid, settings.min_clients, served, say)
-        runner = FlowerRunner(grid, Fusion(base.fingerprint, list(manifest.sites), fusion_config), manifest, state,
-                              r, nodes, settings.stage_timeout, say)
+        runner = FlowerRunner(grid, Fusion(base.fingerprint, list(manifest.sites), fusion_config, bounds), manifest,
+                              state, r, nodes, settings.stage_timeout, say, keys)
         served |= set(nodes)
         try:
             result = run_fusion(runner, runner.fusion)
@@ -82,11 +87,14 @@ def main(grid: Grid, context: Context) -> None:
                 raise FusionError("every client left the round")
         except FusionError as e:
             say(f"round failed: {e}")
+            state.fail_round(r, str(e), runner.fusion.report())
+            failed.append(f"round {r}: {e}")
             runner.notify({n: ("dropped", f"round {r} failed: {e}") for n in runner.members})
             runner.await_notices(NOTICE_WAIT_S)
             continue
         except Exception as e:  # a bug or a broken state folder: clients must not wait for a result forever
             say(f"round failed on the server: {type(e).__name__}: {e}")
+            state.fail_round(r, f"{type(e).__name__}: {e}", {})
             runner.notify({n: ("dropped", f"the server failed in round {r}: {type(e).__name__}") for n in runner.members})
             runner.await_notices(NOTICE_WAIT_S)
             raise
@@ -107,6 +115,14 @@ def main(grid: Grid, context: Context) -> None:
                 pending.pop(reply.metadata.reply_to_message_id, None)
             time.sleep(0.5)
     say("ServerApp finished")
+    if failed:  # the run ends as failed, so mos-server exits non-zero
+        raise RuntimeError(f"{len(failed)} round(s) failed: {'; '.join(failed)}")
+
+
+def node_keys(state_dir: Path) -> dict[int, str]:
+    """node id -> registered key id, as mos-server wrote them (empty without --auth-keys)."""
+    nodes = read_json(state_dir / "nodes.json") or {}
+    return {int(n): str(v["key"]) for n, v in nodes.items() if str(n).isdigit() and isinstance(v, dict)}
 
 
 def write_round(folder: Path, result, runner: FlowerRunner, settings: Settings, base, say: Progress) -> None:

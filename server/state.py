@@ -4,6 +4,8 @@
     STATE/rounds/round-R/round.json       status (running | complete), concepts, dropped
     STATE/rounds/round-R/<concept>/       adapter.safetensors, stats-1.safetensors (…-2, …-3), concept.json
     STATE/registry/<concept>/             the same, for every concept of a completed round (reused later)
+    STATE/owners.json                     concept name -> the node key that first uploaded it
+    STATE/bounds-<placement>.json         the base's limits on one concept's reach (shared/fusion/driver.py)
 
 Every file is written to a temporary name and renamed, so a kill leaves either the old or the new file.
 Statistics are safetensors (float64 Grams under `gram/<site>`, row counts in the header); no pickle.
@@ -18,6 +20,7 @@ from pathlib import Path
 from mos.shared.files import read_json, write_json
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
+from mos.shared.fusion.bounds import Bounds
 from mos.shared.fusion.stats import Stats
 from mos.shared.fusion.stats_file import load_stats, save_stats
 
@@ -49,9 +52,10 @@ class ServerState:
         return read_json(self.round_dir(r) / "round.json") or {}
 
     def open_round(self) -> tuple[int, bool]:
-        """(round, resumed): the round a previous server left unfinished, else the next new one."""
+        """(round, resumed): the round a previous server left running, else the next new one (a failed round
+        stays failed: its clients start again in a new round)."""
         rounds = self.rounds()
-        if rounds and self.round_info(rounds[-1]).get("status") != "complete":
+        if rounds and self.round_info(rounds[-1]).get("status") not in ("complete", "failed"):
             return rounds[-1], True
         r = (rounds[-1] + 1) if rounds else 1
         write_json(self.round_dir(r) / "round.json", {"round": r, "status": "running"})
@@ -71,6 +75,33 @@ class ServerState:
             os.replace(tmp, dst)
         write_json(self.round_dir(r) / "round.json", {"round": r, "status": "complete", "concepts": concepts,
                                                       "dropped": report.get("dropped", {})})
+
+    def fail_round(self, r: int, reason: str, report: dict) -> None:
+        write_json(self.round_dir(r) / "round.json", {"round": r, "status": "failed", "reason": reason,
+                                                      "dropped": report.get("dropped", {})})
+
+    # --- who owns a name ------------------------------------------------------------------------------------
+
+    def owners(self) -> dict[str, str]:
+        return read_json(self.root / "owners.json") or {}
+
+    def claim(self, name: str, key: str) -> None:
+        """The first node key to upload a name owns it, across rounds and runs on this state."""
+        owners = self.owners()
+        if name not in owners:
+            write_json(self.root / "owners.json", {**owners, name: key})
+
+    # --- the base's bounds ----------------------------------------------------------------------------------
+
+    def bounds(self, base, placement: str) -> Bounds:
+        """The base's limits, computed once per state folder (a short pass of the base) and kept."""
+        path = self.root / f"bounds-{placement}.json"
+        saved = read_json(path)
+        if saved:
+            return Bounds.from_json(saved)
+        bounds = Bounds.from_base(base, placement)
+        write_json(path, bounds.to_json())
+        return bounds
 
     # --- concepts -------------------------------------------------------------------------------------------
 

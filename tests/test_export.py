@@ -177,7 +177,6 @@ def test_convolution_lora_exports_in_each_tools_shape_and_reads_back(tiny_base, 
     """kohya (LoCon) and diffusers hold a convolution's LoRA as a k×k down and a 1×1 up; reading either file back
     gives our matrices, and a merged pipeline carries ΔW in the convolution's own weight shape."""
     from conftest import random_adapter
-
     from mos.shared.formats import conversions as lora_formats
     from mos.shared.formats.export import merge_lora
     from mos.shared.sd.base import load_base

@@ -203,7 +203,7 @@ def test_round_rejects_bad_clients_and_matches_local_fusion(tmp_path, parties):
     from mos.shared.fusion.local import fuse
 
     config = FusionConfig(sample_steps=6, sample_seed=3, guidance=5.0, gram_dtype="float64")
-    assert report["config"] == config.as_dict()
+    assert report["config"] == config.resolved("tiny").as_dict()
     local = fuse([tuned_adapter("alice"), tuned_adapter("bob")], "tiny", config, progress=False)
     fed = adapter_io.load(round_dir / adapter_io.FILENAME)
     assert sorted(fed.lora) == sorted(local.lora)

@@ -233,7 +233,6 @@ def test_wide_placement_lora_round_trips_through_peft_and_fuses_exactly(tmp_path
     """LoRA on feed-forward, projections and convolutions: written into peft's layers and read back unchanged; a
     concept fused alone reproduces its own layers (residual ~0) on every wide site, convolutions included."""
     from conftest import random_adapter
-
     from mos.shared.fusion.solver import DEFAULT_EPS
     from mos.shared.sd import lora as lora_mod
     from mos.shared.sd.base import load_base

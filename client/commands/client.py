@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mos.shared.runtime import say
 
+WAIT_S = 7200.0  # finite: a client that can never connect must say so and stop, not retry forever
 EXIT = {"result": 0, "rejected": 3, "dropped": 4, "finished": 5, "refused": 6, "timeout": 7}
 
 
@@ -36,8 +37,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--auth-key", default=None, help="this node's ECDSA private key (OpenSSH format) whose .pub "
                    "the server registered")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--wait", type=float, default=0, help="give up after this many seconds without a result "
-                   "(default 0: wait for the server as long as it takes)")
+    p.add_argument("--wait", type=float, default=WAIT_S, help="give up after this many seconds without a result, "
+                   f"saying why (a server that cannot be reached, TLS, key) (default {WAIT_S:.0f}; 0: no limit)")
     p.add_argument("--no-pipeline", action="store_true", help="skip the merged diffusers pipeline folder")
     args = p.parse_args(argv)
     if not args.concept and not args.adapter:
@@ -71,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--concept {args.concept}: no such folder")
     root_cert = client_root_cert(args.tls_dir).resolve() if args.tls_dir else None
     auth_key = check_node_key(args.auth_key) if args.auth_key else None
+    if auth_key and not root_cert:
+        raise ValueError("--auth-key needs --tls-dir: Flower signs node requests only over TLS (give the folder "
+                         "with the server's ca.pem)")
+    if args.wait < 0:
+        raise ValueError("--wait must be >= 0 (0: no limit)")
     host, _, port = args.server.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--server {args.server!r}: expected HOST:PORT")
@@ -91,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: worker.done.set())
     say(f"<{name}> joins {args.server}{' over TLS' if root_cert else ''} (Flower SuperNode log: {log})")
     try:
-        node, gave_up = supervise(args.server, worker.done, server.path, log, root_cert, auth_key, args.wait)
+        node, gave_up = supervise(args.server, worker.done, server.path, log, root_cert, auth_key, args.wait,
+                                  on_start=worker.new_session)
         if gave_up:
             return EXIT[gave_up]
         if worker.outcome is None:

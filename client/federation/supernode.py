@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from mos.shared.federation import flower_procs as fp
 from mos.shared.runtime import say
@@ -29,6 +30,21 @@ def refused(log_text: str) -> str | None:
     return None
 
 
+def unreachable(log_text: str) -> str | None:
+    """Why this SuperNode cannot reach the server at all, if its log says so (Flower / httpx wording)."""
+    low = log_text.lower()
+    if "wrong version number" in low or "record layer failure" in low or "ssl" in low and "eof" in low:
+        return ("TLS mismatch: the server speaks TLS and this client does not (give --tls-dir with the server's "
+                "ca.pem), or the other way round")
+    if "remoteprotocolerror" in low or "server disconnected without sending a response" in low:
+        return "the server closed the connection: it may expect TLS (give --tls-dir with the server's ca.pem)"
+    if "connection refused" in low or "connecterror" in low:
+        return "nothing answers at --server's address (is mos-server running there, on that port?)"
+    if "name or service not known" in low or "nodename nor servname" in low:
+        return "--server's host name does not resolve"
+    return None
+
+
 def wedged(log_text: str) -> bool:
     """Flower 1.42: a SuperNode that was sending a reply when the SuperLink restarted gets '401 Unauthorized'
     from the new one, tries to exit from a retry thread and deadlocks; it neither exits nor reconnects."""
@@ -36,7 +52,8 @@ def wedged(log_text: str) -> bool:
 
 
 def supervise(server: str, done: threading.Event, socket_path: Path, log: Path, root_cert: Path | None,
-              auth_key: Path | None, wait: float = 0) -> tuple[fp.Process | None, str | None]:
+              auth_key: Path | None, wait: float = 0,
+              on_start: Callable[[], None] = lambda: None) -> tuple[fp.Proc | None, str | None]:
     """Keep a SuperNode connected until `done` is set. Returns (last SuperNode, why it gave up or None):
     "refused" when the server refuses this node past a grace period (a restarted server registers node keys a
     moment after it starts listening), "timeout" when `wait` seconds (0: no limit) pass without an outcome."""
@@ -53,11 +70,14 @@ def supervise(server: str, done: threading.Event, socket_path: Path, log: Path, 
                 say(f"the server refused this node ({why}); trying again in {delay} s")
             else:
                 refused_since = None
-                say(f"lost the server (SuperNode exited {node.popen.returncode}); reconnecting in {delay} s")
+                hint = unreachable(node.tail(60))
+                say(f"lost the server (SuperNode exited {node.popen.returncode}"
+                    f"{': ' + hint if hint else ''}); reconnecting in {delay} s")
             restarts += 1
             if done.wait(delay):
                 return node, None
         if node is None or not node.alive():
+            on_start()  # e.g. the worker forgets the run it served: a restarted server brings a new one
             node = fp.start_supernode(socket_path.parent / "flwr", server, fp.free_port(),
                                       {"mos-worker": str(socket_path)}, log, root_cert, auth_key)
         if done.wait(1.0):
@@ -73,7 +93,8 @@ def supervise(server: str, done: threading.Event, socket_path: Path, log: Path, 
                 say(f"refused by the server: {why}")
                 return node, "refused"
         if wait and time.time() - started > wait:
-            say(f"no result after {wait:.0f} s: giving up")
+            hint = unreachable(node.tail(200)) or refused(node.tail(200))
+            say(f"no result after {wait:.0f} s: giving up" + (f"; the connection failed: {hint}" if hint else ""))
             return node, "timeout"
 
 

@@ -55,10 +55,12 @@ class Worker:
         self.cache_dir = cache_dir or mos_home() / "cache" / "stats"
         self.outcome: Outcome | None = None
         self.done = threading.Event()
+        self.run_id: int | None = None  # the run this client joined; messages of any other run get nothing
 
     # --- dispatch -------------------------------------------------------------------------------------------
 
     def handle(self, kind: str, rd: RecordDict, meta: dict) -> RecordDict:
+        self.check_run(kind, meta)
         t0 = time.time()
         say(f"{kind:<13} received {wire.record_bytes(rd) / 1e6:.2f} MB")
         handler = {"train.tune": self.on_tune, "query.kv": self.on_kv, "query.spatial": self.on_spatial,
@@ -68,6 +70,23 @@ class Worker:
         reply = handler(rd)
         say(f"{kind:<13} replied {wire.record_bytes(reply) / 1e6:.2f} MB in {time.time() - t0:.1f} s")
         return reply
+
+    def check_run(self, kind: str, meta: dict) -> None:
+        """Answer one run only: the first that opens with train.tune (or tells this client it is out). A SuperLink
+        can hold other runs, and their ClientApps would otherwise fetch this concept's adapter and statistics."""
+        run = meta.get("run_id")
+        if not isinstance(run, int):
+            raise PermissionError(f"{kind}: no run id with the message; nothing is answered")
+        if self.run_id is None and kind in ("train.tune", "query.notice"):
+            self.run_id = run
+            say(f"serving run {run}")
+        if run != self.run_id:
+            ours = f"run {self.run_id}" if self.run_id is not None else "a run that opens with train.tune"
+            raise PermissionError(f"{kind} of run {run}: this client serves {ours} only")
+
+    def new_session(self) -> None:
+        """A new SuperNode is starting (the server restarted: its run has a new id): the next run is ours."""
+        self.run_id = None
 
     def finish(self, outcome: Outcome) -> None:
         if self.outcome is None or self.outcome.kind != "result":
@@ -83,7 +102,7 @@ class Worker:
             say(f"train.tune    the server's base is {req.base_fingerprint}, ours is {self.base.fingerprint}: "
                 "sending the manifest only (the server will refuse it)")
             return wire.encode_concept(reply, self.adapter, self.data_digest, cached=True)
-        if f"{self.name}:{self.digest}" in req.known:
+        if wire.held_token(self.name, self.digest) in req.known:
             say(f"train.tune    the server already holds <{self.name}> (digest {self.digest[:12]}): nothing to send")
             return wire.encode_concept(reply, self.adapter, self.data_digest, cached=True)
         cfg = wire.config_of(req)

@@ -9,6 +9,7 @@ telemetry and update checks off, and this environment's bin folder first on PATH
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import re
@@ -263,14 +264,25 @@ def stop_run(flwr_home: Path, run_id: int) -> None:
     flwr_cli(flwr_home, "stop", str(run_id), CONNECTION, timeout=60)
 
 
-def register_node_keys(flwr_home: Path, public_keys: list[Path]) -> None:
+def register_node_keys(flwr_home: Path, public_keys: list[Path]) -> dict[str, dict[str, str]]:
     """`flwr supernode register KEY.pub` for each key, in parallel (each is a new `flwr` process): a SuperNode
-    signing with the matching private key may then join."""
+    signing with the matching private key may then join. Returns node id -> {"key": the key's sha256, "file"}:
+    who a node is, for the ServerApp (a concept name belongs to the key that first uploaded it)."""
     procs = [(key, subprocess.Popen([exe("flwr"), "supernode", "register", str(key), CONNECTION, "--format", "json"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env=flower_env(flwr_home), cwd=str(flwr_home))) for key in public_keys]
+    nodes: dict[str, dict[str, str]] = {}
     for key, p in procs:
         out, err = p.communicate(timeout=120)
         if p.returncode != 0 and "already" in (out + err).lower():
             continue
-        _json_out(subprocess.CompletedProcess(p.args, p.returncode, out, err), f"flwr supernode register {key.name}")
+        done = _json_out(subprocess.CompletedProcess(p.args, p.returncode, out, err),
+                         f"flwr supernode register {key.name}")
+        nodes[str(done["node-id"])] = {"key": key_id(key), "file": key.name}
+    return nodes
+
+
+def key_id(public_key: Path) -> str:
+    """A node key's identity: sha256 of its key material (the OpenSSH line without its comment)."""
+    fields = public_key.read_text().split()
+    return "sha256:" + hashlib.sha256(" ".join(fields[:2]).encode()).hexdigest()[:32]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.gram import packed_len
 from mos.shared.fusion.stats import Gram, Stats
 from mos.shared.sd.base import check_same_base
-from mos.shared.sd.concepts import N_TOKENS, Concept, check_trigger
+from mos.shared.sd.concepts import N_TOKENS, Concept, check_class_word, check_name, check_trigger
 from mos.shared.sd.lora import Lora
 from mos.shared.sd.sites import Site, cross_attention_layers, input_sites
 
@@ -42,7 +41,7 @@ DTYPES = {"float32": 4, "float64": 8, "uint8": 1}  # what may travel, and its by
 MAX_RANK = 128           # per layer in one client's adapter (ED-LoRA uses 4; community LoRAs up to 128)
 MAX_ROWS = 1 << 40
 MAX_ADAPTER_FILE = 2 << 30
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+# For callers that still `.match` a name (shared/formats/import_lora.py): \Z, unlike $, refuses "alice\n".
 
 
 class WireError(ValueError):
@@ -119,8 +118,10 @@ def _get(tensors: Tensors, spec: pb.TensorSpec, where: str, shape: tuple[int, ..
     if dtype != spec.dtype or dtype not in dtypes:
         raise WireError(f"{where}: tensor {spec.key!r} is {dtype} (manifest: {spec.dtype}), expected one of {dtypes}")
     got = tuple(int(x) for x in t.shape)
-    if got != tuple(spec.shape) or (shape is not None and got != shape):
-        raise WireError(f"{where}: tensor {spec.key!r} has shape {got}, expected {shape or tuple(spec.shape)}")
+    if got != tuple(spec.shape):
+        raise WireError(f"{where}: tensor {spec.key!r} has shape {got}, its manifest says {tuple(spec.shape)}")
+    if shape is not None and got != shape:
+        raise WireError(f"{where}: tensor {spec.key!r} has shape {got}, this base expects {shape}")
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise WireError(f"{where}: tensor {spec.key!r} holds NaN or Inf")
     return t
@@ -228,6 +229,12 @@ def adapter_digest(adapter: Adapter) -> str:
     return tensor_digest(tensors, [adapter.fingerprint, [_concept_id(c) for c in adapter.concepts]])
 
 
+def held_token(name: str, digest: str) -> str:
+    """How train.tune lists an adapter the server holds: a hash of name and digest. The client that holds that
+    adapter recognises it; no one else learns a digest to claim it with ("cached" needs the digest itself)."""
+    return "h:" + hashlib.sha256(f"{name}:{digest}".encode()).hexdigest()
+
+
 def _concept_id(c) -> list[str]:
     """What names a concept besides its tensors (a trigger only where there is one: older digests stay valid)."""
     return [c.name, c.class_word, *([c.trigger] if c.trigger else [])]
@@ -292,9 +299,17 @@ def encode_concept(rd: RecordDict, adapter: Adapter, data_digest: str = "", cach
 def concept_manifest(rd: RecordDict, client: str) -> pb.ConceptManifest:
     """The manifest alone, checked for name, version and base: enough to refuse before reading tensors."""
     m = _proto(rd, "concept", pb.ConceptManifest, client)
-    if not NAME.match(m.name):
-        raise WireError(f"{client}: concept name {m.name!r} is not a plain name (letters, digits, _ and -)")
+    _plain(m.name, m.class_word, client)
     return m
+
+
+def _plain(name: str, class_word: str, where: str) -> None:
+    """Names become folders, keys and log lines on both sides: fullmatch, and class words bounded."""
+    try:
+        check_name(name, where)
+        check_class_word(class_word, f"{where} (concept {name!r})")
+    except ValueError as e:
+        raise WireError(str(e)) from None
 
 
 def decode_concept(rd: RecordDict, base: BaseManifest, client: str) -> tuple[pb.ConceptManifest, Adapter | None]:
@@ -333,6 +348,13 @@ def adapter_cap(base: BaseManifest) -> int:
 
 def stats_cap(base: BaseManifest, stage: int, one_shot: bool = False) -> int:
     return sum(packed_len(s.dim) * 8 for s in base.stage_sites(stage, one_shot)) + (1 << 16)
+
+
+def upload_cap(base: BaseManifest, one_shot: bool = False) -> int:
+    """The most one reply may carry (train.tune: adapter + stage-1 statistics; or a later stage's statistics),
+    plus room for the manifests: what the server's gateway lets one reply push before refusing the rest."""
+    stats = max(stats_cap(base, 1, one_shot), *(stats_cap(base, s) for s in (2, 3)))
+    return adapter_cap(base) + stats + (1 << 20)
 
 
 def encode_stats(rd: RecordDict, stage: int, concept: str, fingerprint: str, stats: Stats,
@@ -425,6 +447,8 @@ def decode_fused(rd: RecordDict, base: BaseManifest, where: str = "server") -> F
         data = _get(tensors, m.adapter_file, where, dtypes=("uint8",)).numpy().tobytes()
         return Fused(m, {}, [], data)
     lora = _get_lora(tensors, m.lora, base.layer_dims(), where, None)
+    for c in m.concepts:  # the client exports these names as files: checked here, before anything is written
+        _plain(c.name, c.class_word, f"{where}, a concept")
     concepts = [Concept(c.name, c.class_word,
                         _get(tensors, c.embeddings, f"{where}, concept {c.name}", _emb_shape(base, c.trigger)).float(),
                         _trigger(c.trigger, f"{where}, concept {c.name}"))

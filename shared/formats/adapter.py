@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mos.shared.files import read_tensors, save_tensors
-from mos.shared.sd.concepts import Concept
+from mos.shared.sd.concepts import Concept, check_class_word, check_name
 from mos.shared.sd.lora import Lora
 
 FORMAT = "mos-adapter"
@@ -91,6 +91,13 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: Any, where: str) -> Ada
         lora[layer] = (B.float(), A.float())
     concepts = []
     for c in meta.get("concepts", []):
+        if not isinstance(c, dict):
+            raise AdapterError(f"{where}: a concept entry is not an object")
+        try:  # names become folders and files on export: never a path, whoever wrote the file
+            check_name(c.get("name"), where)
+            check_class_word(c.get("class_word", ""), f"{where}, concept {c.get('name')!r}")
+        except ValueError as e:
+            raise AdapterError(str(e)) from None
         emb = tensors.get(f"emb.{c.get('name')}")
         if emb is None or emb.ndim != 3:
             raise AdapterError(f"{where}: concept {c.get('name')!r} has no layer-wise embeddings")

@@ -27,6 +27,7 @@ from mos.shared.files import save_tensors
 from mos.shared.formats import conversions as lora_formats
 from mos.shared.formats.adapter import Adapter
 from mos.shared.sd.base import Base, check_same_base
+from mos.shared.sd.concepts import check_name
 from mos.shared.sd.lora import as_weight
 
 
@@ -66,7 +67,7 @@ def write_embeddings(adapter: Adapter, folder: Path) -> list[Path]:
     out = []
     for c in adapter.concepts:
         if not c.trigger:
-            out.append(folder / f"{c.name}.safetensors")
+            out.append(folder / f"{check_name(c.name, 'export')}.safetensors")  # a name is never a path
             save_file({"emb_params": c.embeddings.mean(dim=0).float().contiguous()}, out[-1])
     return out
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from mos.shared.federation.wire import MAX_RANK, NAME
+from mos.shared.federation.wire import MAX_RANK
 from mos.shared.files import read_tensors
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats import conversions as lora_formats
-from mos.shared.sd.concepts import Concept, check_trigger
+from mos.shared.sd.concepts import NAME, Concept, check_trigger
 
 MAX_FILE = 2 << 30
 
@@ -33,7 +33,7 @@ def import_lora(tensors: dict[str, torch.Tensor], base, trigger: str, name: str,
     from mos.shared.sd.sites import cross_attention_layers, lora_target_layers
 
     trigger = check_trigger(trigger)
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise ValueError(f"concept name {name!r}: use letters, digits, _ and - (pass --name)")
     models = {"text_encoder": base.text_encoder, "unet": base.unet}
     lora = lora_formats.read(tensors, models)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+import torch
+
 from mos.shared.formats.adapter import Adapter, concept_meta
 from mos.shared.fusion import solver
+from mos.shared.fusion.bounds import Bounds, BoundsError
 from mos.shared.fusion.config import FusionConfig
-from mos.shared.fusion.gram import check_gram
+from mos.shared.fusion.gram import check_gram, check_psd
 from mos.shared.fusion.stats import Stats
 from mos.shared.sd.base import check_same_base
 from mos.shared.sd.concepts import Concept
@@ -23,6 +26,13 @@ from mos.shared.sd.sites import Site
 
 class FusionError(ValueError):
     pass
+
+
+def _bounded(check, *args, **kwargs) -> None:
+    try:
+        check(*args, **kwargs)
+    except BoundsError as e:
+        raise FusionError(str(e)) from None
 
 
 class StageRunner(Protocol):
@@ -37,8 +47,10 @@ class StageRunner(Protocol):
 class Fusion:
     """Running sums per input site over the concepts added so far; solve per stage."""
 
-    def __init__(self, fingerprint: str, sites: list[Site], config: FusionConfig = FusionConfig()):
+    def __init__(self, fingerprint: str, sites: list[Site], config: FusionConfig = FusionConfig(),
+                 bounds: Bounds | None = None):
         self.config = config
+        self.bounds = bounds  # None: no limits from the base (the caller trusts every concept)
         self.fingerprint = fingerprint
         self.sites = {s.name: s for s in sites}
         self.site_of = {layer: s for s in sites for layer in s.layers}
@@ -57,6 +69,12 @@ class Fusion:
 
     def add(self, adapter: Adapter) -> None:
         """Register one party's adapter (its concept and LoRA) after checking it against the manifest."""
+        self.check_adapter(adapter)
+        self.adapters[adapter.concepts[0].name] = adapter
+        self.stats[adapter.concepts[0].name] = {}
+
+    def check_adapter(self, adapter: Adapter) -> None:
+        """Everything `add` requires, changing nothing (the server checks a client's upload before it counts)."""
         if len(adapter.concepts) != 1:
             raise FusionError(f"an adapter to fuse must hold one concept, this one holds {len(adapter.concepts)}")
         name = adapter.concepts[0].name
@@ -71,8 +89,8 @@ class Fusion:
             if A.shape[1] != site.dim or B.shape[0] != out_dim:
                 raise FusionError(f"concept {name!r}, layer {layer}: LoRA {tuple(B.shape)}x{tuple(A.shape)} does not "
                                   f"fit {out_dim}x{site.dim}")
-        self.adapters[name] = adapter
-        self.stats[name] = {}
+            if self.bounds is not None:
+                _bounded(self.bounds.check_delta, f"concept {name!r}", layer, B, A)
 
     def check_base(self, adapter: Adapter) -> None:
         name = adapter.concepts[0].name if adapter.concepts else "?"
@@ -90,21 +108,55 @@ class Fusion:
         """Validate all of a concept's statistics first, then add them: a bad upload changes nothing."""
         if name not in self.adapters:
             raise FusionError(f"statistics for unknown concept {name!r}")
+        self.check_stats(name, stats)
         lora = self.adapters[name].lora
-        for site_name, g in stats.items():
-            site = self.sites.get(site_name)
-            if site is None:
-                raise FusionError(f"concept {name!r}: statistics for unknown site {site_name}")
-            if site_name in self.stats[name]:
-                raise FusionError(f"concept {name!r}: statistics for {site_name} sent twice")
-            if g.rows <= 0:
-                raise FusionError(f"concept {name!r}, site {site_name}: zero rows")
-            check_gram(g.gram, f"concept {name!r}, site {site_name}", site.dim)
         for site_name, g in stats.items():
             loras = {l: lora[l] for l in self.sites[site_name].layers if l in lora}
             self.sums.setdefault(site_name, solver.SiteSums(site_name, self.sites[site_name].dim)).add(
                 name, g.gram, g.rows, loras)
             self.stats[name][site_name] = g
+
+    def check_stats(self, name: str, stats: Stats) -> None:
+        """Everything `add_stats` requires, changing nothing: the Gram check, XᵀX's semidefiniteness, and the
+        base's bound on trace(G)/rows."""
+        held = self.stats.get(name, {})
+        for site_name, g in stats.items():
+            site = self.sites.get(site_name)
+            what = f"concept {name!r}, site {site_name}"
+            if site is None:
+                raise FusionError(f"concept {name!r}: statistics for unknown site {site_name}")
+            if site_name in held:
+                raise FusionError(f"concept {name!r}: statistics for {site_name} sent twice")
+            if g.rows <= 0:
+                raise FusionError(f"{what}: zero rows")
+            try:
+                check_gram(g.gram, what, site.dim)
+            except ValueError as e:
+                raise FusionError(str(e)) from None
+            try:
+                check_psd(g.gram, f"Gram for {what}")
+            except ValueError as e:
+                raise FusionError(str(e)) from None
+            if self.bounds is not None:
+                _bounded(self.bounds.check_power, f"concept {name!r}", site_name, g.gram, g.rows)
+
+    def forget_stage(self, stage: int) -> None:
+        """Take every concept's statistics of one stage's sites out of the sums (they were computed with fused
+        layers that held a concept since dropped: they are recomputed without it)."""
+        for name, stats in self.stats.items():
+            for site_name in [s for s in stats if self.sites[s].stage == stage]:
+                g = stats.pop(site_name)
+                self.sums[site_name].remove(name, g.gram, g.rows)
+
+    def check_result(self, lora: Lora) -> None:
+        """Before anything is sent: every fused layer finite and, with bounds, within what the concepts in it
+        could reach together."""
+        n = max(1, len(self.adapters))
+        for layer, (B, A) in lora.items():
+            if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+                raise FusionError(f"fused layer {layer}: NaN or Inf in the result; nothing is sent")
+            if self.bounds is not None:
+                _bounded(self.bounds.check_delta, "the fused result", layer, B, A, factor=n)
 
     # --- solving --------------------------------------------------------------------------------------------
 
@@ -122,6 +174,7 @@ class Fusion:
             self.solved[stage] = {s.name: self.sums[s.name].solve(self.config.eps) for s in sites if s.name in self.sums}
             out = {l: (B.float(), A.float()) for sol in self.solved[stage].values() for l, (B, A) in sol.loras.items()}
         self.timings[f"stage{stage}_solve_s"] = time.perf_counter() - t0
+        self.check_result(out)
         return out
 
     def _weight(self, sites: list[Site]) -> Lora:
@@ -160,32 +213,50 @@ def _drop_missing(fusion: Fusion, replied: dict, stage: str) -> None:
         fusion.remove(name, f"no reply in {stage}")
 
 
+def _collect(fusion: Fusion, ask, stage: str) -> bool:
+    """Ask every concept for one stage's statistics and add them — unless a concept left during the stage:
+    then the replies are discarded (they were computed with fused layers that still held it) and False says
+    so, for the caller to solve again without it and ask again."""
+    asked = set(fusion.adapters)
+    replies = ask()
+    _drop_missing(fusion, replies, stage)
+    if not fusion.adapters:
+        raise FusionError(f"no concept to fuse: every party dropped out in {stage}")
+    if set(fusion.adapters) != asked:
+        return False
+    for name, stats in replies.items():
+        fusion.add_stats(name, stats)
+    return True
+
+
+def _staged(runner: StageRunner, fusion: Fusion, cfg: FusionConfig) -> Lora:
+    """Stages 2 and 3, each re-run for the survivors when a concept drops: what a dropped concept shaped (the
+    fused text encoder the others' k/v statistics were recorded with, the fused text encoder + k/v of their
+    spatial statistics) is recomputed without it, so the result is the survivors' fusion alone."""
+    while True:
+        fused = fusion.solve(1)
+        if not _collect(fusion, lambda: runner.stage2(fused, fusion.concepts, cfg), "stage 2"):
+            continue
+        fused |= fusion.solve(2)
+        if _collect(fusion, lambda: runner.stage3(fused, fusion.concepts, cfg), "stage 3"):
+            return fused | fusion.solve(3)
+        fusion.forget_stage(2)
+
+
 def run_fusion(runner: StageRunner, fusion: Fusion) -> Adapter:
     """Drive the stages: tune/collect -> fuse text encoder -> k/v -> spatial -> deliver (docs/design.md,
     "The federated shape")."""
     t0 = time.perf_counter()
     cfg = fusion.config
-    staged = not cfg.one_shot and cfg.method == "gradient"
     for name, (adapter, stats) in runner.stage1(cfg).items():
         fusion.add(adapter)
         fusion.add_stats(name, stats)
     if not fusion.adapters:
         raise FusionError("no concept to fuse: every party dropped out")
-    fused = fusion.solve(1)
-    if staged:
-        replies = runner.stage2(fused, fusion.concepts, cfg)
-        _drop_missing(fusion, replies, "stage 2")
-        for name, stats in replies.items():
-            fusion.add_stats(name, stats)
-        fused = fusion.solve(1)  # a concept dropped since stage 1 leaves the text encoder too
-    fused |= fusion.solve(2)
-    if staged:
-        replies = runner.stage3(fused, fusion.concepts, cfg)
-        _drop_missing(fusion, replies, "stage 3")
-        for name, stats in replies.items():
-            fusion.add_stats(name, stats)
-        fused = fusion.solve(1) | fusion.solve(2)
-    fused |= fusion.solve(3)
+    if not cfg.one_shot and cfg.method == "gradient":
+        fused = _staged(runner, fusion, cfg)
+    else:  # every statistic came with stage 1 (one-shot), or none is needed (weight fusion)
+        fused = fusion.solve(1) | fusion.solve(2) | fusion.solve(3)
     fusion.timings["total_s"] = time.perf_counter() - t0
     result = fusion.result(fused)
     runner.deliver(result)

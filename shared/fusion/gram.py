@@ -15,6 +15,7 @@ from torch import Tensor
 
 # A Gram computed in float32 can have triangles that differ by a few float32 ulps of its largest entry.
 SYM_RTOL = 1e-5
+PSD_SHIFT = 1e-6  # G + PSD_SHIFT · tr(G)/d · I must factor: XᵀX up to rounding far below the solve's λ
 PSD_RTOL = 1e-3  # slack on |G_ij| <= sqrt(G_ii G_jj) for rounding
 _BLOCK_BYTES = 64 * 1024
 
@@ -84,3 +85,15 @@ def _tile_checks(G: Tensor, root_diag: Tensor) -> tuple[float, float]:
             bound = torch.outer(root_diag[i : i + tile], root_diag[j : j + tile]).mul_(1 + PSD_RTOL)
             excess = max(excess, float((a.abs() - bound).max()))
     return asym, excess
+
+
+def check_psd(G: torch.Tensor, what: str) -> None:
+    """XᵀX is positive semidefinite: G plus a shift far below the solve's ridge λ must have a Cholesky factor."""
+    d = G.shape[0]
+    if d == 0:
+        return
+    Gd = G.double()
+    shift = PSD_SHIFT * max(float(Gd.diagonal().sum()) / d, 0.0) + 1e-300
+    _, info = torch.linalg.cholesky_ex(Gd + shift * torch.eye(d, dtype=torch.float64))
+    if int(info) != 0:
+        raise ValueError(f"{what}: not positive semidefinite (a negative eigenvalue beyond rounding); not XᵀX")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 def recipe_of(spec: str) -> str:
     """Which tuning recipe a base takes: `small` for the pretrained toy world, whose attention projections alone
     cannot take a concept's shape (docs/world.md); `reference` (the paper's) for real bases and for `tiny` (random

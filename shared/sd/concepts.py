@@ -20,6 +20,27 @@ from torch import nn
 
 HANDLE = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_\-]*)>")
 N_TOKENS = 2
+# A concept name becomes a folder, a file name, a tensor key, a token and a log line, on both sides: always
+# checked with fullmatch (`$` with re.match lets "alice\n" through).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+MAX_CLASS_WORD = 64  # "woman", "teddy bear": a few words; a 1 MB class word is refused
+
+
+def check_name(name: object, where: str = "concept") -> str:
+    """A plain concept name (letters, digits, _ and -, at most 64, starting with a letter or digit), or ValueError."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"{where}: name {str(name)[:80]!r} is not a plain name (letters, digits, _ and -, at most "
+                         "64 characters, starting with a letter or digit)")
+    return name
+
+
+def check_class_word(word: object, where: str = "concept") -> str:
+    """A class word is a few plain printable words (or empty for a trigger-word concept), at most 64 characters."""
+    if not isinstance(word, str) or len(word) > MAX_CLASS_WORD or (word and (
+            not word.isprintable() or HANDLE.search(word) or word != " ".join(word.split()))):
+        raise ValueError(f"{where}: class word {str(word)[:80]!r} must be plain printable words without <handles>, "
+                         f"at most {MAX_CLASS_WORD} characters")
+    return word
 
 
 @dataclass
