@@ -48,7 +48,7 @@ def register(sub) -> None:
     w.add_argument("--concepts", nargs="+", default=["alice", "bob", "carol"])
     w.add_argument("--out", default="mos-out/eval-world", help="where world_eval.json and world_eval.png go")
     w.add_argument("--work", default=None, help="tuned and fused adapters (default MOS_HOME/eval-world; reused)")
-    w.add_argument("--tune-steps", type=int, default=150)
+    w.add_argument("--tune-steps", type=int, default=None, help="tuning steps (default: the base's recipe)")
     w.add_argument("--images", type=int, default=16, help="pictures per concept and condition (default 16)")
     w.add_argument("--steps", type=int, default=20, help="sampling steps")
     w.add_argument("--seed", type=int, default=0)
@@ -122,7 +122,7 @@ def run_world(args) -> int:
     # the default work folder is per base, tuning length and seed: a retrained base or other settings never meet
     # adapters tuned for something else
     work = Path(args.work) if args.work else mos_home() / "eval-world" / "{}-t{}-s{}".format(
-        args.base.replace(":", "-").replace("/", "_"), args.tune_steps, args.seed)
+        args.base.replace(":", "-").replace("/", "_"), args.tune_steps or "recipe", args.seed)
     data = Path(args.data) if args.data else work / "concepts"
     if not args.data:
         from mos.shared.world.scenes import CONCEPTS, draw_concepts

@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (adapter.safetensors, concept.json, loss.png, "
                    "samples.png)")
     add_base_options(p)
-    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default: {DEFAULT_PASSES} passes over "
-                   f"the images at the batch size, at most {STEP_CAP['cpu']} on a CPU, {STEP_CAP['cuda']} on a GPU)")
+    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default: the base's recipe: 800 on "
+                   f"world; elsewhere {DEFAULT_PASSES} passes over the images at the batch size, at most "
+                   f"{STEP_CAP['cpu']} on a CPU, {STEP_CAP['cuda']} on a GPU)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the base's recipe: 4, the paper's; "
                    "16 on tiny/world)")
     p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
@@ -33,7 +34,8 @@ def register(sub) -> None:
                    "dog, woman, toy...; default: class_word in concept.toml)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw: same seed, same adapter (default 0)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: the base's recipe: 2; 4 "
+                   "on world)")
     p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, help="steps between checkpoints "
                    f"(default {CHECKPOINT_EVERY}; 0: none)")
     p.add_argument("--plain", nargs="?", const="", default=None, metavar="TRIGGER",

@@ -46,7 +46,7 @@ class Settings:
     data: Path                 # folder holding the concept folders
     work: Path                 # tuned adapters and fused results are kept here
     concepts: tuple[str, ...] = ("alice", "bob", "carol")
-    tune_steps: int = 150
+    tune_steps: int | None = None  # None: the base's recipe
     images: int = 16           # pictures per concept and condition
     sample_steps: int = 20
     fusion_steps: int = 10     # sampling steps for stage-3 statistics

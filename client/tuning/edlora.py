@@ -32,7 +32,7 @@ class TuneConfig:
     steps: int | None = None  # None: DEFAULT_PASSES over the images, capped per device (tune() resolves it)
     # None: the base's recipe (settings.RECIPES: the paper's on real bases, the measured one on the toy bases)
     rank: int | None = None
-    batch_size: int = 2
+    batch_size: int | None = None
     seed: int = 0
     lr_embedding: float | None = None
     lr_text_encoder: float | None = None
@@ -50,7 +50,8 @@ class TuneConfig:
         return asdict(self)
 
     def resolved(self, base_spec: str) -> "TuneConfig":
-        """Every field the base's recipe decides, filled in (what a run uses, and what its cache key records)."""
+        """Every field the base's recipe decides, filled in (what a run uses, and what its cache key records).
+        A recipe without `steps` leaves them to tune(): DEFAULT_PASSES over the images."""
         recipe = RECIPES[recipe_for(base_spec)]
         return replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
 

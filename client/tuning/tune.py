@@ -93,8 +93,7 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = 
     """`tune()`, also handing back the tuned model in memory (callers that go on using it skip a reload).
     `on_step(steps_done, stats)` is called after every step (raising from it stops the run, keeping the last
     checkpoint)."""
-    if (config.rank is not None and config.rank < 1) or config.batch_size < 1 or \
-            (config.steps is not None and config.steps < 1):
+    if any(v is not None and v < 1 for v in (config.rank, config.batch_size, config.steps)):
         raise ValueError("rank, batch size and steps must be positive")
     out = Path(out_dir)
     image_files(concept_dir)  # an empty or missing folder fails before a base is loaded
@@ -103,8 +102,8 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = 
     if not data.class_word:
         raise ValueError(f"no class word for {data.folder}: put class_word = \"...\" in concept.toml or pass "
                          "--class-word (one word the base knows, e.g. dog, woman, toy)")
-    config = replace(config.resolved(base_obj.spec),
-                     steps=config.steps or default_steps(len(data.items), config.batch_size, base_obj.device),
+    config = config.resolved(base_obj.spec)
+    config = replace(config, steps=config.steps or default_steps(len(data.items), config.batch_size, base_obj.device),
                      trigger=check_trigger(config.trigger) if config.trigger else "")
     key = {"name": data.name, "class_word": data.class_word, "data_digest": data.digest,
            "base_fingerprint": base_obj.fingerprint, "config": config.as_dict()}
