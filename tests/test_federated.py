@@ -153,13 +153,16 @@ def assert_same_files(*paths: Path) -> None:
     assert all(d == data[0] for d in data), f"adapters differ: {paths}"
 
 
-def tuned_adapter(name: str) -> adapter_io.Adapter:
-    """The adapter mos-client tuned (and cached) for a demo concept."""
-    from mos.shared.sd.base import mos_home
+def tuned_adapter(name: str, base_spec: str = "tiny") -> adapter_io.Adapter:
+    """The adapter mos-client tuned (and cached) for a demo concept on `base_spec` (other tests tune it on other
+    bases in the same cache)."""
+    from mos.shared.sd.base import load_base, mos_home
 
-    found = sorted((mos_home() / "clients").glob(f"{name}-*/{adapter_io.FILENAME}"))
-    assert found, f"no cached tuned adapter for {name} under {mos_home() / 'clients'}"
-    return adapter_io.load(found[-1])
+    fingerprint = load_base(base_spec).fingerprint
+    found = [a for p in sorted((mos_home() / "clients").glob(f"{name}-*/{adapter_io.FILENAME}"))
+             if (a := adapter_io.load(p)).fingerprint == fingerprint]
+    assert found, f"no cached adapter for {name} on {base_spec} under {mos_home() / 'clients'}"
+    return found[-1]
 
 
 @pytest.mark.slow
