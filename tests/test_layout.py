@@ -112,7 +112,7 @@ def test_packaged_folders_are_the_tree_folders():
 def test_no_module_cites_documents_outside_the_repository():
     for f in modules():
         text = f.read_text()
-        for cite in ("DESIGN §", "DESIGN.md", "docs/stack.md", "STACK.md", "../shared"):
+        for cite in ("DESIGN §", "DESIGN.md", "docs/stack.md", "STACK.md"):
             assert cite not in text, f"{f.relative_to(REPO)} cites {cite!r}, which is not in the repository"
 
 
