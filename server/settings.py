@@ -34,6 +34,7 @@ class Settings:
         own = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "fusion"}
         fusion = {key: getattr(self.fusion, attr) for key, attr in FUSION_KEYS.items()}
         fusion["placement"] = fusion["placement"] or ""  # TOML has no null: "" is the base's default
+        fusion["eps"] = -1.0 if fusion["eps"] is None else fusion["eps"]  # ... and eps < 0 is λ by GCV
         return own | fusion
 
     @classmethod
@@ -56,4 +57,5 @@ class Settings:
         values = {attr: get(key, {"str": str, "bool": bool, "int": int, "float": float}[ftypes[attr]])
                   for key, attr in FUSION_KEYS.items()}
         values["placement"] = values["placement"] or None  # "": the base's default
+        values["eps"] = None if values["eps"] < 0 else values["eps"]  # < 0: λ per site by GCV
         return cls(**own, fusion=FusionConfig(**values))

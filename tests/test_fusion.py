@@ -172,6 +172,7 @@ def test_mos_fuse_cli_writes_adapter_report_and_pipeline(tiny_base, alice, bob, 
     report = json.loads((out / "fusion.json").read_text())
     assert report["method"] == "gradient" and set(report["residuals"]) == {"alice", "bob"}
     assert set(report["lambda"]) and all(v > 0 for v in report["lambda"].values())
+    assert report["lambda_rule"] == "gcv" and set(report["eps_per_site"]) == set(report["lambda"])  # the default
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
@@ -182,6 +183,30 @@ def test_mos_fuse_cli_writes_adapter_report_and_pipeline(tiny_base, alice, bob, 
     proc = run_cli("mos", "fuse", str(tmp_path / "alice"), "--out", str(tmp_path / "x"), "--base", "tiny:1",
                    check=False)
     assert proc.returncode == 2 and "made on base" in proc.stderr and not (tmp_path / "x").exists()
+
+
+def test_lambda_is_chosen_per_site_unless_eps_fixes_it(tiny_base, alice, bob):
+    import argparse
+
+    from mos.shared.commands import fuse as fuse_cmd
+    from mos.shared.fusion.solver import _GCV_EPS
+
+    sites = input_sites(tiny_base.text_encoder, tiny_base.unet)
+    reports = {}
+    for eps in (None, 1e-2):
+        fusion = Fusion(tiny_base.fingerprint, sites, FusionConfig(one_shot=True, eps=eps, sample_steps=2))
+        reports[eps] = run_fusion(LocalRunner(tiny_base, [alice, bob], progress=False), fusion).meta["fusion"]
+    chosen = reports[None]
+    assert chosen["lambda_rule"] == "gcv" and len(chosen["lambda"]) == len(sites)
+    grid = _GCV_EPS.tolist()
+    assert all(min(abs(e - g) for g in grid) <= 1e-9 * e for e in chosen["eps_per_site"].values())
+    fixed = reports[1e-2]
+    assert fixed["lambda_rule"] == "fixed eps" and set(fixed["eps_per_site"].values()) == {1e-2}
+    # the CLI: GCV unless --eps is given
+    parser = argparse.ArgumentParser()
+    fuse_cmd.register(parser.add_subparsers())
+    assert parser.parse_args(["fuse", "a", "--out", "o"]).eps is None
+    assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "0.01"]).eps == 0.01
 
 
 @pytest.mark.slow

@@ -124,6 +124,8 @@ def test_the_app_bundle_declares_every_run_setting_with_mos_server_defaults():
     ours = Settings("mos-out/server", "mos-state/server").run_config()
     assert config == ours
     assert Settings.from_run_config(config) == Settings("mos-out/server", "mos-state/server")
+    assert Settings.from_run_config(config).fusion.eps is None  # the default: λ per site by GCV
+    assert Settings.from_run_config({**config, "eps": 0.01}).fusion.eps == 0.01  # a number fixes it
     with pytest.raises(ValueError, match="sample-steps"):
         Settings.from_run_config({**config, "sample-steps": "many"})
     with pytest.raises(ValueError, match="lacks 'rounds'"):

@@ -447,3 +447,97 @@ def test_float32_gram_is_used_blockwise_like_its_float64_copy():
         assert rel(a._terms[layer]["c"].AG, b._terms[layer]["c"].AG) < 1e-14
     a.remove("c", G32, 400)
     assert torch.count_nonzero(a.gram_sum) == 0
+
+
+# --------------------------------------------------------------------------- lam by GCV (eps=None)
+
+
+def decaying_rows(n: int, d: int, g: torch.Generator, tilt: torch.Tensor) -> torch.Tensor:
+    """Rows with a 1/j input spectrum, each concept tilting it its own way (as activations of one site)."""
+    spectrum = 1.0 / torch.arange(1, d + 1, dtype=F64)
+    return torch.randn(n, d, generator=g, dtype=F64) * spectrum * tilt
+
+
+def gcv_problem(seed: int):
+    g = gen(seed)
+    d, d_out = 40, 12
+    tilts = [torch.exp(0.5 * torch.randn(d, generator=g, dtype=F64)) for _ in range(3)]
+    loras = [{"to_k": lora(d_out, d, 3, g), "to_v": lora(d_out, d, 2, g)} for _ in tilts]
+    xs = [decaying_rows(n, d, g, t) for n, t in zip((30, 60, 120), tilts)]
+    fresh = [decaying_rows(4000, d, g, t) for t in tilts]
+    site = SiteSums("s", d)
+    for i, (x, lo) in enumerate(zip(xs, loras)):
+        site.add(f"c{i}", x.T @ x, x.shape[0], lo)
+    return site, xs, fresh, loras
+
+
+def fit_loss(sol, xs, loras) -> float:
+    """sum_i ||(dW - dW_i) X_i^T||^2 over both layers, from explicit rows."""
+    total = 0.0
+    for x, lo in zip(xs, loras):
+        for layer, (B, A) in lo.items():
+            Bs, As = sol.loras[layer]
+            total += float(((x @ (Bs @ As - B @ A).T) ** 2).sum())
+    return total
+
+
+def test_gcv_equals_its_definition_on_explicit_rows():
+    # GCV computed from Grams and per-concept terms = RSS / (1 - df/n)^2 computed from the rows themselves,
+    # and the solve at the chosen lam is the fixed-eps solve at that eps.
+    from mos.shared.fusion.solver import _GCV_EPS
+
+    site, xs, _, loras = gcv_problem(30)
+    n = sum(x.shape[0] for x in xs)
+    mu = torch.linalg.eigvalsh(site.gram_sum)
+    direct = []
+    for eps in _GCV_EPS.tolist():
+        sol = site.solve(eps)
+        df = float((mu / (mu + sol.lam)).sum())
+        direct.append(fit_loss(sol, xs, loras) / (1 - df / n) ** 2)
+    chosen = site.solve(None)
+    assert chosen.path == "eigh"
+    assert chosen.eps == pytest.approx(_GCV_EPS[min(range(len(direct)), key=direct.__getitem__)].item(), rel=1e-9)
+    assert chosen.lam == pytest.approx(chosen.eps * float(mu.mean()), rel=1e-9)
+    fixed = site.solve(chosen.eps)
+    for layer in fixed.loras:
+        assert rel(chosen.loras[layer][0] @ chosen.loras[layer][1], fixed.loras[layer][0] @ fixed.loras[layer][1]) < 1e-9
+
+
+@pytest.mark.parametrize("seed", [31, 32, 33])
+def test_gcv_lands_near_the_best_held_out_lam(seed):
+    # Concepts conflict on shared, weakly visited directions: the held-out optimum needs a real ridge, and GCV's
+    # choice must be within 5% of the best held-out loss over the grid, and far better than eps=1e-8.
+    from mos.shared.fusion.solver import _GCV_EPS
+
+    site, _, fresh, loras = gcv_problem(seed)
+    held = {eps: fit_loss(site.solve(eps), fresh, loras) for eps in _GCV_EPS.tolist()}
+    best = min(held.values())
+    chosen = site.solve(None)
+    assert fit_loss(chosen, fresh, loras) <= 1.05 * best
+    assert held[_GCV_EPS[0].item()] > 1.05 * best  # the problem has teeth: no ridge is clearly worse
+
+
+def test_gcv_picks_a_tiny_lam_when_concepts_do_not_conflict():
+    # Orthogonal input subspaces: every concept can be reproduced, so GCV must not damp anything.
+    g = gen(34)
+    d, d_out = 30, 12
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    xs = [rows(200, d, g, basis=Q[:, :10].T), rows(200, d, g, basis=Q[:, 10:22].T)]
+    loras = [{"L": lora(d_out, d, 3, g)}, {"L": lora(d_out, d, 3, g)}]
+    site = SiteSums("s", d)
+    for i, (x, lo) in enumerate(zip(xs, loras)):
+        site.add(f"c{i}", x.T @ x, x.shape[0], lo)
+    sol = site.solve(None)
+    assert sol.eps <= 1e-6
+    assert fit_loss(sol, xs, loras) <= 1e-10 * sum(float(((x @ (lo["L"][0] @ lo["L"][1]).T) ** 2).sum())
+                                                   for x, lo in zip(xs, loras))
+
+
+def test_gcv_needs_energies_and_rows():
+    g = gen(35)
+    x = rows(20, 8, g)
+    B, A = lora(4, 8, 2, g)
+    with pytest.raises(ValueError, match="GCV"):
+        solve_site(x.T @ x, {"L": [LayerTerm(B, A @ x.T @ x)]}, None, rows=20)  # no energy
+    with pytest.raises(ValueError, match="GCV"):
+        solve_site(x.T @ x, {"L": [LayerTerm(B, A @ x.T @ x, energy=1.0)]}, None)  # no rows

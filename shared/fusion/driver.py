@@ -199,10 +199,12 @@ class Fusion:
                         residuals.setdefault(name, {})[site] = r
         return {
             "method": self.config.method, "mode": "one-shot" if self.config.one_shot else "staged",
-            "eps": self.config.eps, "config": self.config.as_dict(), "fingerprint": self.fingerprint,
+            "eps": self.config.eps, "lambda_rule": "gcv" if self.config.eps is None else "fixed eps",
+            "config": self.config.as_dict(), "fingerprint": self.fingerprint,
             "concepts": [concept_meta(c) for c in self.concepts],
             "dropped": self.dropped, "timings": self.timings,
             "lambda": {site: sol.lam for st in self.solved.values() for site, sol in st.items()},
+            "eps_per_site": {site: sol.eps for st in self.solved.values() for site, sol in st.items()},
             "solve_path": {site: sol.path for st in self.solved.values() for site, sol in st.items()},
             "residuals": residuals,
         }
