@@ -424,3 +424,132 @@ def test_flipped_crops_get_mirrored_captions():
         assert b.captions[0] == ("a <TOK> on the left" if red_left else "a <TOK> on the right")
         seen.add(red_left)
     assert seen == {True, False}
+
+
+# ---------------------------------------------------------------------------------------------- reference recipe
+
+
+def portrait(head: int = 15) -> "torch.Tensor":
+    """A 64×96 portrait: a head band on top (white top rows, then red), green below, a blue stripe down the left
+    edge of the body."""
+    img = torch.zeros(3, 96, 64, dtype=torch.uint8)
+    img[1] = 255
+    img[:, :head] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]
+    img[:, :3] = 255
+    img[:, head:, :6] = torch.tensor([0, 0, 255], dtype=torch.uint8)[:, None, None]
+    return img
+
+
+def head_in_frame(px: torch.Tensor, valid: torch.Tensor) -> bool:
+    """The head band's top and bottom edges are both in the picture: its white top and the green below it."""
+    rows = valid[0].any(1).nonzero().flatten()
+    cols = valid[0].any(0).nonzero().flatten()
+    column = px[:, rows, int(cols[len(cols) // 2])]
+    white = (column > 0.5).all(0)
+    green = (column[1] > 0.5) & (column[0] < -0.5)
+    return bool(white.any()) and bool(green.any())
+
+
+def test_human_crop_keeps_the_head_band_pads_and_never_flips():
+    """The reference's crop for people: the head band is wholly in frame in every step (the square crop loses it
+    in most), padding is black and left out of the loss, the picture is never mirrored."""
+    from mos.client.tuning.data import ConceptData, Item, make_batch
+
+    mask = torch.zeros(96, 64, dtype=torch.bool)
+    mask[:15] = True  # the concept: the head
+    data = ConceptData(Path("."), "x", "woman", [Item("0", portrait(), "<TOK> on the left", mask)], "d",
+                       kind="person")
+    square, cut = 0, 0
+    for step in range(40):
+        b = make_batch(data, 1, 0, step, 64, crop="human")
+        px, v, m = b.pixels[0], b.valid[0], b.masks[0]
+        assert head_in_frame(px, v)
+        assert b.captions[0] == "<TOK> on the left"
+        assert torch.all(px[:, v[0] == 0] == -1.0) and v.sum() < 64 * 64  # a portrait always leaves padding
+        rows, cols = v[0].any(1).nonzero().flatten(), v[0].any(0).nonzero().flatten()
+        left = px[:, rows[-1], cols[0]]
+        assert left[2] > 0.5 and left[1] < 0  # blue stays on the left: no flip
+        red, green = (px[0] > 0.9) & (px[2] < -0.9), (px[1] > 0.9) & (px[0] < -0.9)
+        assert m[0][red].mean() > 0.95 and m[0][green].mean() < 0.05  # the mask travels with the picture
+        assert float(m[0][v[0] == 0].sum()) == 0.0
+        cut += int(cols.numel() > 43)  # uncut, a 2:3 portrait is 43 px wide at a long side of 64
+        sq = make_batch(data, 1, 0, step, 64, crop="square")
+        square += head_in_frame(sq.pixels[0], torch.ones(1, 64, 64))
+    assert 10 < cut < 30  # half the steps cut (HUMAN_CROP_P)
+    assert square < 8  # the square crop loses the head in most steps
+
+
+def test_padding_is_left_out_of_the_loss():
+    from mos.client.tuning.edlora import masked_mse
+
+    err = torch.ones(2, 4, 8, 8)
+    err[:, :, :, :4] = 100.0  # padding: huge error that must not count
+    valid = torch.ones(2, 1, 64, 64)
+    valid[..., :32] = 0
+    ones = torch.ones(2, 1, 64, 64)
+    assert masked_mse(err, ones, torch.tensor([False, False]), 0.0, valid).item() == pytest.approx(1.0)
+    assert masked_mse(err, ones, torch.tensor([False, False]), 0.0).item() == pytest.approx(50.5)
+
+
+def test_kind_sets_crop_and_attention_mode_and_the_reference_schedule(tmp_path, monkeypatch):
+    """concept.toml kind -> crop and regulariser mode; the reference recipe's 4 images per step, as 2 x 2 on a
+    small GPU; 125 steps per image (500 passes at 4), capped on a CPU."""
+    from mos.client.tuning import tune as tune_mod
+    from mos.client.tuning.data import load_concept
+
+    d = tmp_path / "p"
+    d.mkdir()
+    Image.fromarray(np.zeros((96, 64, 3), np.uint8)).save(d / "0.png")
+    (d / "concept.toml").write_text('class_word = "woman"\nkind = "person"\n')
+    data = load_concept(d, 64)
+    cpu = SimpleNamespace(spec="tiny", device=torch.device("cpu"))
+    c = tune_mod.settle(TuneConfig(), data, cpu)
+    assert (data.kind, c.crop, c.attention_reg_mode, c.batch_size, c.grad_accum, c.steps) == \
+        ("person", "human", "partial", 4, 1, 125)
+    assert tune_mod.settle(TuneConfig(crop="square", attention_reg_mode="full"), data, cpu).crop == "square"
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=8 * 2**30))
+    gpu = SimpleNamespace(spec="tiny", device=torch.device("cuda"))
+    c = tune_mod.settle(TuneConfig(), data, gpu)
+    assert (c.batch_size, c.grad_accum, c.steps) == (2, 2, 125)
+    world = tune_mod.settle(TuneConfig(), data, SimpleNamespace(spec="world", device=torch.device("cpu")))
+    assert (world.batch_size, world.grad_accum, world.steps) == (4, 1, 800)  # the small recipe is its own
+    (d / "concept.toml").write_text('class_word = "woman"\nkind = "people"\n')
+    with pytest.raises(ValueError, match="kind = 'people'"):
+        load_concept(d, 64)
+
+
+def test_micro_batches_read_the_images_of_one_batch_and_accumulate(alice):
+    """Gradient accumulation: micro-batches k of step s hold the images a batch of 4 would; the step averages
+    them (the reported loss is their mean)."""
+    from mos.client.tuning.data import batch_indices
+
+    whole = batch_indices(len(alice.items), 4, 0, 3)
+    assert batch_indices(len(alice.items), 2, 0, 6) + batch_indices(len(alice.items), 2, 0, 7) == whole
+
+
+def test_attention_regulariser_modes():
+    """full: token b's map must equal the mask; partial: it must only stay inside; off: nothing. Layers of one
+    resolution are averaged, resolutions summed."""
+    from mos.client.tuning.attention_reg import attention_loss
+
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1.0
+    inside = mask.flatten(1)
+    half = inside.clone().view(1, 8, 8)
+    half[..., 2:] = 0  # b lights only half of the concept
+    a_in = inside.clone()
+    has = torch.tensor([True])
+
+    def maps(a, b):
+        return [torch.stack([a, b], -1)]
+
+    both_in = maps(a_in, inside)
+    assert attention_loss(both_in, mask, has, "full").item() == pytest.approx(0.0, abs=1e-6)
+    part = maps(a_in, half.flatten(1))
+    assert attention_loss(part, mask, has, "full").item() > 0.1
+    assert attention_loss(part, mask, has, "partial").item() == pytest.approx(0.0, abs=1e-6)
+    leak = maps(torch.ones(1, 64), inside)
+    assert attention_loss(leak, mask, has, "partial").item() == pytest.approx(1.0)  # a's peak-normalised leak
+    assert attention_loss(leak, mask, has, "off").item() == 0.0
+    coarse = [torch.stack([torch.ones(1, 16), torch.ones(1, 16)], -1)]  # a 4×4 layer: both leak fully
+    assert attention_loss(leak + coarse + coarse, mask, has, "partial").item() == pytest.approx(1.0 + 2.0)

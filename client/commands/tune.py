@@ -10,11 +10,12 @@ HELP = "tune one concept's ED-LoRA"
 
 
 def register(sub) -> None:
-    from mos.client.tuning.settings import CHECKPOINT_EVERY, DEFAULT_PASSES, STEP_CAP
+    from mos.client.tuning.settings import (ATTENTION_REG_MODES, CHECKPOINT_EVERY, DEFAULT_PASSES, REFERENCE_BATCH,
+                                            STEP_CAP)
 
     p = sub.add_parser("tune", help=HELP, description=(
         "Tune a concept's ED-LoRA (two layer-wise tokens + LoRA) from a folder of images with optional "
-        "<stem>.txt captions (<TOK> marks the concept), masks/<stem>.png and concept.toml (name, class_word). "
+        "<stem>.txt captions (<TOK> marks the concept), masks/<stem>.png and concept.toml (name, class_word, kind). "
         "A finished output folder with the same data, settings and base is reused as it is."))
     p.add_argument("--concept", required=True, help="concept folder")
     p.add_argument("--out", required=True, help="output folder (adapter.safetensors, concept.json, loss.png, "
@@ -34,8 +35,17 @@ def register(sub) -> None:
                    "dog, woman, toy...; default: class_word in concept.toml)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw: same seed, same adapter (default 0)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: the base's recipe: 2; 4 "
-                   "on world)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the base's "
+                   f"recipe: {REFERENCE_BATCH} per step, as the reference, in two micro-batches of "
+                   f"{REFERENCE_BATCH // 2} on a GPU under 20 GiB; 4 on world)")
+    p.add_argument("--grad-accum", type=int, default=None, help="forward passes whose gradients make one step "
+                   "(default 1, or 2 where --batch-size is left to the recipe on a small GPU)")
+    p.add_argument("--crop", choices=("square", "human"), default=None, help="training crop: square (random "
+                   "50-100%% square, flipped half the time) or human (the reference's crop for people: the head "
+                   "stays, padded, never flipped); default: by concept.toml kind, human for person and character")
+    p.add_argument("--attn-reg", choices=ATTENTION_REG_MODES, default=None, help="attention regulariser with "
+                   "masks: full (token b's attention equals the mask), partial (it only stays inside: the "
+                   "reference's default) or off; default: by concept.toml kind, off for style, else partial")
     p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, help="steps between checkpoints "
                    f"(default {CHECKPOINT_EVERY}; 0: none)")
     p.add_argument("--plain", nargs="?", const="", default=None, metavar="TRIGGER",
@@ -63,7 +73,8 @@ def run(args) -> int:
         trigger = args.plain or plain_trigger(args.class_word or read_toml(Path(args.concept)).get("class_word") or "")
     try:
         config = TuneConfig(steps=args.steps, rank=args.rank, batch_size=args.batch_size, seed=args.seed,
-                            placement=args.placement, mask_outside=args.mask_outside, trigger=trigger.strip())
+                            placement=args.placement, mask_outside=args.mask_outside, trigger=trigger.strip(),
+                            grad_accum=args.grad_accum, crop=args.crop, attention_reg_mode=args.attn_reg)
         out = tune(args.concept, args.out, config, args.base, class_word=args.class_word, resume=args.resume,
                    checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
                    gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)

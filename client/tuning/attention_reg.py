@@ -2,8 +2,8 @@
 
 Stock attention (SDPA) never materialises the attention probabilities, so while tuning with masks each
 cross-attention layer computes attention explicitly and records, for every sample, the maps of the concept's two
-token positions. The regulariser then keeps token a's attention inside the concept's mask and makes token b's
-cover it. The processors are installed for the tuning run only; sampling keeps the fast ones.
+token positions. The regulariser then keeps token a's attention inside the concept's mask and token b's inside it
+too (`partial`) or equal to it (`full`). The processors are installed for the tuning run only; sampling keeps the fast ones.
 """
 
 from __future__ import annotations
@@ -91,28 +91,47 @@ def recording(unet: torch.nn.Module) -> Iterator[AttentionRecorder]:
         yield rec
 
 
-def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layers and masked samples of (a's attention mass outside the mask) + MSE(b's map, mask).
+def attention_loss(maps: list[torch.Tensor], masks: torch.Tensor, has_mask: torch.Tensor, mode: str = "full"
+                   ) -> torch.Tensor:
+    """The reference's regulariser, summed over map resolutions and averaged over masked samples.
 
-    maps: per layer [B, N, 2]; masks: [B, 1, H, W] in [0, 1] at any resolution with the latents' aspect.
-    Token a's map is normalised to a distribution; token b's to its peak, so it should light up the mask.
+    maps: per layer [B, N, 2] (token a, token b); masks: [B, 1, H, W] in [0, 1] at any resolution with the
+    latents' aspect. As the reference does, layers of one resolution are averaged first and each token's map is
+    divided by its peak; token a's mean outside the mask is penalised; token b's map should equal the mask
+    (`full`, reg_full_identity: true) or, like a, only stay out of the rest (`partial`: a person's clothes and
+    background need not light up). Unlike the reference the peak and the means are per sample, not over the
+    batch, so a sample's term does not depend on its batch-mates (docs/design.md).
     """
     sel = has_mask.nonzero().flatten()
-    if sel.numel() == 0:
+    if sel.numel() == 0 or mode == "off":
         return masks.new_zeros(())
     terms = []
     H, W = masks.shape[-2:]
-    for m in maps:
-        n = m.shape[1]
+    for n, m in by_resolution(maps).items():
         down = (H * W / n) ** 0.5
         h, w = round(H / down), round(W / down)
         if h * w != n or min(h, w) < 2:  # a 1×1 map says nothing about where
             continue
         mk = F.interpolate(masks[sel].float(), size=(h, w), mode="area").flatten(1).to(m.device)  # [b, N]
-        a, b = m[sel, :, 0], m[sel, :, 1]
-        outside = (a / a.sum(1, keepdim=True).clamp_min(1e-8) * (1 - mk)).sum(1)
-        cover = ((b / b.amax(1, keepdim=True).clamp_min(1e-8) - mk) ** 2).mean(1)
-        terms.append((outside + cover).mean())
+        peak = m[sel] / m[sel].amax(1, keepdim=True).clamp_min(1e-8)  # [b, N, 2]
+        a, b = peak[..., 0], peak[..., 1]
+        term = mean_outside(a, mk)
+        term = term + (((b - mk) ** 2).mean(1) if mode == "full" else mean_outside(b, mk))
+        terms.append(term.mean())
     if not terms:
         return masks.new_zeros(())
-    return torch.stack(terms).mean()
+    return torch.stack(terms).sum()
+
+
+def by_resolution(maps: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Layers' maps averaged per number of queries (the reference's 64/32/16/8 groups on SD1.5 at 512)."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for m in maps:
+        groups.setdefault(m.shape[1], []).append(m)
+    return {n: torch.stack(ms).mean(0) for n, ms in groups.items()}
+
+
+def mean_outside(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of x [b, N] where the mask [b, N] is 0 (soft at its edges); 0 for a mask that fills all."""
+    out = 1 - mask
+    return (x * out).sum(1) / out.sum(1).clamp_min(1e-8)

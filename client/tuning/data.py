@@ -3,10 +3,17 @@
     data/alice/
         00.png  00.txt        caption with <TOK> where the concept goes (optional)
         masks/00.png          white where the concept is (optional)
-        concept.toml          name = "alice", class_word = "doll" (optional)
+        concept.toml          name = "alice", class_word = "doll", kind = "object" (optional)
 
 Every random choice of a step (which images, crop, flip) comes from a generator seeded by (seed, step), so a
 resumed run draws exactly what an uninterrupted one would.
+
+Two crops (TuneConfig.crop; the concept's kind picks one by default, settings.KIND_DEFAULTS):
+* `square`: a random square of 50-100 % of the short side's area, flipped half the time (objects).
+* `human`: the reference's crop for people and characters (its HumanResizeCropFinalV3): half the time a
+  top-anchored crop of a portrait (so the head stays) or a random square of a landscape; the whole picture then
+  fits the long side to the native size and lands at a random place on a black square, whose padding is left out
+  of the loss (Batch.valid). Never flipped: faces and clothes are not symmetric.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ TOKEN = "<TOK>"
 TEMPLATE = f"a photo of {TOKEN}"
 MAX_ASPECT = 2.0          # longer images are centre-cropped to 2:1 before anything else
 CROP_SCALE = (0.5, 1.0)   # random resized crop: fraction of the short side's square area kept
+HUMAN_CROP_P = 0.5        # the reference's crop_p: how often the human crop cuts before fitting
+KINDS = ("person", "character", "object", "style")
+CROPS = ("square", "human")
 
 
 @dataclass
@@ -48,6 +58,7 @@ class ConceptData:
     items: list[Item]
     digest: str
     skipped: list[str] = field(default_factory=list)  # "file: reason" of unreadable images
+    kind: str = "object"  # concept.toml `kind`: decides the default crop and attention regulariser
 
     @property
     def has_masks(self) -> bool:
@@ -186,7 +197,16 @@ def load_concept(folder: str | Path, resolution: int, class_word: str | None = N
         raise ValueError(f"concept folder {folder}: none of its {len(files)} image(s) could be read")
     name = sanitize_name(str(meta.get("name") or folder.resolve().name))
     cw = class_word or meta.get("class_word")
-    return ConceptData(folder, name, str(cw).strip() if cw else None, items, h.hexdigest()[:32], skipped)
+    return ConceptData(folder, name, str(cw).strip() if cw else None, items, h.hexdigest()[:32], skipped,
+                       concept_kind(meta, folder))
+
+
+def concept_kind(meta: dict, folder: Path) -> str:
+    """concept.toml's `kind`, default `object` (the crop the project always used)."""
+    kind = str(meta.get("kind", "object")).strip().lower()
+    if kind not in KINDS:
+        raise ValueError(f"{folder / 'concept.toml'}: kind = {kind!r}; use one of {', '.join(KINDS)}")
+    return kind
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -236,23 +256,65 @@ def random_crop(image: torch.Tensor, mask: torch.Tensor | None, size: int, g: to
     return out, m, flip
 
 
+def human_crop(image: torch.Tensor, mask: torch.Tensor | None, size: int, g: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The reference's crop for people: (pixels, mask, valid), valid [1, S, S] being 1 on the picture and 0 on
+    the black padding. With chance HUMAN_CROP_P a portrait keeps its top (height between its width and all of
+    it) and a landscape a random square; the result's long side is then `size`, pasted at a random place."""
+    _, h, w = image.shape
+    u = torch.empty(5).uniform_(generator=g).tolist()
+    top, left, ch, cw = 0, 0, h, w
+    if u[0] < HUMAN_CROP_P:
+        if h > w:
+            ch = w + round((h - w) * u[1])  # anchored at the top: the head is in every crop
+        else:
+            cw = ch = h
+            left = round((w - h) * u[1])
+    scale = size / max(ch, cw)
+    nh, nw = max(1, min(size, round(ch * scale))), max(1, min(size, round(cw * scale)))
+    y, x = round((size - nh) * u[2]), round((size - nw) * u[3])
+    crop = image[None, :, top:top + ch, left:left + cw].float()
+    fitted = F.interpolate(crop, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+    out = torch.full((3, size, size), -1.0)  # black, as the reference pads
+    out[:, y:y + nh, x:x + nw] = (fitted / 127.5 - 1.0).clamp(-1, 1)
+    valid = torch.zeros(1, size, size)
+    valid[:, y:y + nh, x:x + nw] = 1.0
+    m = None
+    if mask is not None:
+        mc = mask[None, None, top:top + ch, left:left + cw].float()
+        m = torch.zeros(1, size, size)
+        m[:, y:y + nh, x:x + nw] = F.interpolate(mc, size=(nh, nw), mode="area" if ch > nh else "nearest")[0]
+    return out, m, valid
+
+
 @dataclass
 class Batch:
     pixels: torch.Tensor     # [B, 3, S, S] in [-1, 1]
     masks: torch.Tensor      # [B, 1, S, S] in [0, 1]; ones where an image has no mask
     has_mask: torch.Tensor   # bool [B]
     captions: list[str]      # with <TOK>
+    valid: torch.Tensor | None = None  # [B, 1, S, S]: 0 on padding the loss must not see (None: none padded)
 
 
-def make_batch(data: ConceptData, batch_size: int, seed: int, step: int, size: int) -> Batch:
+def make_batch(data: ConceptData, batch_size: int, seed: int, step: int, size: int, crop: str = "square") -> Batch:
+    """The images of `step`, cropped by `crop` (CROPS)."""
+    if crop not in CROPS:
+        raise ValueError(f"crop {crop!r}: use one of {', '.join(CROPS)}")
     g = seeded(seed, "crop", step)
     idx = batch_indices(len(data.items), batch_size, seed, step)
-    pixels, masks, has, captions = [], [], [], []
+    pixels, masks, has, captions, valid = [], [], [], [], []
     for i in idx:
         it = data.items[i]
-        px, m, flipped = random_crop(it.image, it.mask, size, g)
+        if crop == "human":
+            px, m, v = human_crop(it.image, it.mask, size, g)
+            caption = it.caption
+        else:
+            px, m, flipped = random_crop(it.image, it.mask, size, g)
+            v, caption = torch.ones(1, size, size), mirror_caption(it.caption) if flipped else it.caption
         pixels.append(px)
         masks.append(m if m is not None else torch.ones(1, size, size))
         has.append(m is not None)
-        captions.append(mirror_caption(it.caption) if flipped else it.caption)
-    return Batch(torch.stack(pixels), torch.stack(masks), torch.tensor(has), captions)
+        captions.append(caption)
+        valid.append(v)
+    return Batch(torch.stack(pixels), torch.stack(masks), torch.tensor(has), captions,
+                 torch.stack(valid) if crop == "human" else None)

@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler
 
 from mos.client.tuning.attention_reg import AttentionRecorder, attention_loss, recording
 from mos.client.tuning.data import Batch, seeded
-from mos.client.tuning.settings import RECIPES, recipe_for
+from mos.client.tuning.settings import KIND_DEFAULTS, RECIPES, recipe_for
 from mos.shared.sd import lora as lora_mod
 from mos.shared.sd.base import Base
 from mos.shared.sd.concepts import Concept
@@ -43,6 +43,11 @@ class TuneConfig:
     noise_offset: float = 0.01
     embedding_norm_stop: float = 0.55
     attention_reg: float | None = None   # weight of the mask attention regulariser (0: off)
+    # full: token b's attention should match the mask; partial: only kept inside it (the reference's default,
+    # reg_full_identity: false); off. None: the concept's kind decides (settings.KIND_DEFAULTS)
+    attention_reg_mode: str | None = None
+    crop: str | None = None              # square | human (data.py); None: the concept's kind decides
+    grad_accum: int | None = None        # micro-batches per optimiser step; None: 1, or batch_plan's on real bases
     init_std: float = 0.013
     trigger: str = ""  # plain LoRA: no concept tokens, the handle stands for these words (the paper's LoRA baseline)
 
@@ -54,6 +59,14 @@ class TuneConfig:
         A recipe without `steps` leaves them to tune(): DEFAULT_PASSES over the images."""
         recipe = RECIPES[recipe_for(base_spec)]
         return replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
+
+    def for_kind(self, kind: str) -> "TuneConfig":
+        """Crop and attention-regulariser mode filled in from the concept's kind where unset."""
+        return replace(self, **{k: v for k, v in KIND_DEFAULTS[kind].items() if getattr(self, k) is None})
+
+    @property
+    def regularised(self) -> bool:
+        return bool(self.attention_reg) and self.attention_reg_mode != "off"
 
 
 @dataclass
@@ -217,21 +230,26 @@ def set_learning_rates(trainer: Trainer, step: int) -> None:
         grp["lr"] = grp["initial_lr"] * factor
 
 
-def train_step(trainer: Trainer, batch: Batch, step: int, layerwise: bool = True,
+def train_step(trainer: Trainer, batch: Batch | list[Batch], step: int, layerwise: bool = True,
                use_masks: bool = True) -> StepStats:
-    """One optimiser step on `batch`; every random draw comes from (seed, step)."""
+    """One optimiser step on `batch`, or on a list of micro-batches whose gradients accumulate (each weighs the
+    same; micro-batch k of step s draws its noise as draw s·len + k, so one micro-batch is the plain step)."""
     set_learning_rates(trainer, step)
-    loss, mse, reg = compute_loss(trainer, batch, step, layerwise, use_masks)
-    trainer.scaler.scale(loss).backward()
+    micro = batch if isinstance(batch, list) else [batch]
+    loss = mse = reg = 0.0
+    for k, b in enumerate(micro):
+        terms = [t / len(micro) for t in compute_loss(trainer, b, step * len(micro) + k, layerwise, use_masks)]
+        trainer.scaler.scale(terms[0]).backward()
+        loss, mse, reg = loss + terms[0].detach(), mse + terms[1].detach(), reg + terms[2].detach()
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
     norm = embedding_norm(trainer)
     if not trainer.embedding_frozen and norm >= trainer.config.embedding_norm_stop:
         trainer.freeze_embedding(step + 1)  # the reference stops embedding updates here: larger norms drown prompts
-    value = float(loss.detach())
+    value = float(loss)
     trainer.losses.append(value)
-    return StepStats(value, float(mse.detach()), float(reg.detach()), norm, trainer.embedding_frozen)
+    return StepStats(value, float(mse), float(reg), norm, trainer.embedding_frozen)
 
 
 def embedding_norm(trainer: Trainer) -> float:
@@ -242,7 +260,8 @@ def embedding_norm(trainer: Trainer) -> float:
 
 def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = True, use_masks: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, mse, attention regulariser) of the model on `batch` with the noise and timesteps of `step`."""
+    """(loss, mse, attention regulariser) of the model on `batch` with the noise and timesteps of draw `step`;
+    padding (batch.valid) never counts."""
     cfg, base = trainer.config, trainer.base
     dev, unet, vae = base.device, base.unet, base.vae
     g = seeded(cfg.seed, "noise", step)
@@ -268,8 +287,14 @@ def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = Tr
         cond = hidden.view(b, -1, *hidden.shape[1:]) if layerwise else hidden
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
     err = (pred.float() - target.float()) ** 2
-    mse = masked_mse(err, batch.masks.to(dev), batch.has_mask.to(dev), cfg.mask_outside) if masked else err.mean()
-    reg = attention_loss(trainer.recorder.take(), batch.masks, batch.has_mask) if regularised else err.new_zeros(())
+    valid = None if batch.valid is None else batch.valid.to(dev)
+    if masked or valid is not None:
+        has = batch.has_mask.to(dev) & masked
+        mse = masked_mse(err, batch.masks.to(dev), has, cfg.mask_outside, valid)
+    else:
+        mse = err.mean()
+    reg = (attention_loss(trainer.recorder.take(), batch.masks, batch.has_mask, cfg.attention_reg_mode or "full")
+           if regularised else err.new_zeros(()))
     return mse + cfg.attention_reg * reg, mse, reg
 
 
@@ -284,12 +309,15 @@ def prediction_target(trainer: Trainer, latents: torch.Tensor, noise: torch.Tens
     raise ValueError(f"base has prediction_type {kind!r}: tuning supports epsilon, v_prediction and sample")
 
 
-def masked_mse(err: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor, outside: float = 0.0) -> torch.Tensor:
+def masked_mse(err: torch.Tensor, masks: torch.Tensor, has_mask: torch.Tensor, outside: float = 0.0,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample mean of `err` weighted by the mask at latent size (weight `outside` where the mask is 0); a crop
-    that missed the mask counts whole."""
+    that missed the mask counts whole. Where `valid` is 0 (a crop's padding) nothing counts."""
     w = F.interpolate(masks.float(), size=err.shape[-2:], mode="area")
     w = w + outside * (1 - w)
     empty = w.sum((1, 2, 3)) < 1.0
     w = torch.where((has_mask & ~empty)[:, None, None, None], w, torch.ones_like(w))
+    if valid is not None:
+        w = w * F.interpolate(valid.float(), size=err.shape[-2:], mode="area")
     per = (err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * err.shape[1])
     return per.mean()

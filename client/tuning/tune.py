@@ -29,7 +29,8 @@ from mos.client.tuning import checkpoint
 from mos.client.tuning.data import ConceptData, image_files, load_concept, make_batch
 from mos.client.tuning.edlora import StepStats, Trainer, TuneConfig, embedding_norm, make_trainer, train_step
 from mos.client.tuning.report import plot_loss, sample_grid
-from mos.client.tuning.settings import CHECKPOINT_EVERY, DEFAULT_PASSES, SAMPLE_STEPS, STEP_CAP
+from mos.client.tuning.settings import (CHECKPOINT_EVERY, DEFAULT_PASSES, REFERENCE_BATCH, SAMPLE_STEPS,
+                                        SMALL_GPU_BYTES, STEP_CAP)
 from mos.shared.files import write_json
 from mos.shared.formats import adapter as adapter_mod
 from mos.shared.runtime import say
@@ -41,6 +42,26 @@ def default_steps(n_images: int, batch_size: int, device: torch.device) -> int:
     """ceil(DEFAULT_PASSES · n_images / batch_size), capped per device type (STEP_CAP)."""
     steps = math.ceil(DEFAULT_PASSES * n_images / batch_size)
     return max(1, min(steps, STEP_CAP.get(device.type, STEP_CAP["cuda"])))
+
+
+def batch_plan(device: torch.device) -> tuple[int, int]:
+    """(images per forward, micro-batches per step) for the reference's REFERENCE_BATCH images per step: all at
+    once, or in halves with gradient accumulation on a GPU too small to hold them."""
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < SMALL_GPU_BYTES:
+        return REFERENCE_BATCH // 2, 2
+    return REFERENCE_BATCH, 1
+
+
+def settle(config: TuneConfig, data: ConceptData, base: Base) -> TuneConfig:
+    """Every field of `config` decided: the base's recipe, the concept's kind, the batch plan and the length."""
+    config = config.resolved(base.spec).for_kind(data.kind)
+    if config.batch_size is None:
+        batch, accum = batch_plan(base.device)
+        config = replace(config, batch_size=batch, grad_accum=config.grad_accum or accum)
+    config = replace(config, grad_accum=config.grad_accum or 1)
+    per_step = config.batch_size * config.grad_accum
+    return replace(config, steps=config.steps or default_steps(len(data.items), per_step, base.device),
+                   trigger=check_trigger(config.trigger) if config.trigger else "")
 
 
 def library_versions() -> dict[str, str]:
@@ -93,8 +114,8 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = 
     """`tune()`, also handing back the tuned model in memory (callers that go on using it skip a reload).
     `on_step(steps_done, stats)` is called after every step (raising from it stops the run, keeping the last
     checkpoint)."""
-    if any(v is not None and v < 1 for v in (config.rank, config.batch_size, config.steps)):
-        raise ValueError("rank, batch size and steps must be positive")
+    if any(v is not None and v < 1 for v in (config.rank, config.batch_size, config.steps, config.grad_accum)):
+        raise ValueError("rank, batch size, gradient accumulation and steps must be positive")
     out = Path(out_dir)
     image_files(concept_dir)  # an empty or missing folder fails before a base is loaded
     base_obj = base if isinstance(base, Base) else load_base(base, device, dtype)
@@ -102,9 +123,7 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = 
     if not data.class_word:
         raise ValueError(f"no class word for {data.folder}: put class_word = \"...\" in concept.toml or pass "
                          "--class-word (one word the base knows, e.g. dog, woman, toy)")
-    config = config.resolved(base_obj.spec)
-    config = replace(config, steps=config.steps or default_steps(len(data.items), config.batch_size, base_obj.device),
-                     trigger=check_trigger(config.trigger) if config.trigger else "")
+    config = settle(config, data, base_obj)
     key = {"name": data.name, "class_word": data.class_word, "data_digest": data.digest,
            "base_fingerprint": base_obj.fingerprint, "config": config.as_dict()}
     if cached(out, key):
@@ -139,13 +158,15 @@ def run(trainer: Trainer, data: ConceptData, out: Path, key: dict, resume: bool,
         say(f"no checkpoint in {out}: starting from step 0", sys.stderr)
     elif ckpt.is_file():
         say(f"starting over (pass --resume to continue from {ckpt})", sys.stderr)
-    regularised = data.has_masks and cfg.attention_reg > 0
+    regularised = data.has_masks and cfg.regularised
     recording = trainer.attention_recording() if regularised else contextlib.nullcontext()
     bar = tqdm(total=cfg.steps, initial=start, desc=f"tune <{data.name}>", unit="step", disable=not progress,
                dynamic_ncols=True)
     with recording, bar:
         for step in range(start, cfg.steps):
-            stats = train_step(trainer, make_batch(data, cfg.batch_size, cfg.seed, step, res), step)
+            micro = [make_batch(data, cfg.batch_size, cfg.seed, step * cfg.grad_accum + k, res, cfg.crop)
+                     for k in range(cfg.grad_accum)]
+            stats = train_step(trainer, micro if len(micro) > 1 else micro[0], step)
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"loss became {stats.loss} at step {step + 1}; the last good checkpoint "
                                          f"stays in {out} (try --dtype fp32)")
