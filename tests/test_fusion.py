@@ -280,3 +280,22 @@ def test_wide_placement_lora_round_trips_through_peft_and_fuses_exactly(tmp_path
     assert sorted(result.lora) == sorted(carol.lora)
     with pytest.raises(FusionError, match="not a LoRA target"):  # an attention-only fusion refuses wide LoRA
         Fusion(base.fingerprint, input_sites(base.text_encoder, base.unet)).add(carol)
+
+
+def test_per_concept_lora_scale_before_fusion(tiny_base, alice, bob):
+    """`mos fuse runs/alice:0.5 runs/bob`: alice's LoRA enters fusion halved, and fusion.json says so."""
+    from mos.shared.fusion.local import fuse
+
+    assert adapter_io.split_scale("runs/alice:0.7") == ("runs/alice", 0.7)
+    assert adapter_io.split_scale("runs/alice") == ("runs/alice", 1.0)
+    assert adapter_io.split_scale("C:/runs/alice") == ("C:/runs/alice", 1.0)
+    half = adapter_io.scaled(alice, 0.5)
+    layer = next(iter(alice.lora))
+    assert torch.equal(half.lora[layer][0], alice.lora[layer][0] * 0.5) and half.meta["lora_scale"] == 0.5
+    assert torch.equal(half.concepts[0].embeddings, alice.concepts[0].embeddings)
+    config = FusionConfig("weight")
+    plain, halved = (fuse([a, bob], tiny_base, config, progress=False) for a in (alice, half))
+    assert halved.meta["fusion"]["lora_scales"] == {"alice": 0.5, "bob": 1.0}
+    assert plain.meta["fusion"]["lora_scales"] == {"alice": 1.0, "bob": 1.0}
+    delta = {k: B @ A for k, (B, A) in plain.lora.items()}
+    assert any(not torch.allclose(B @ A, delta[k]) for k, (B, A) in halved.lora.items())

@@ -145,3 +145,27 @@ def test_t2i_flags_pair_adapters_with_conditions():
                          (ns(["A", "B"], "s.png"), "without a kind"), (ns(["A"]), "needs a condition image")):
         with pytest.raises(ValueError, match=message):
             t2i_paths(bad)
+
+
+def test_lora_scale_zero_is_the_embeddings_only_picture(workdir):
+    """`--lora-scale 0` draws what the concepts' embeddings alone draw; other scales change the picture and the
+    record says which scale was used."""
+    from mos.shared.commands.mos import main
+    from mos.shared.formats import adapter as adapter_mod
+
+    full = adapter_mod.load(workdir / "fused")
+    emb_only = adapter_mod.Adapter(full.fingerprint, full.concepts, {}, {})
+    adapter_mod.save(emb_only, workdir / "emb-only.safetensors")
+
+    def draw(name, adapter, *extra):
+        out = workdir / "scale" / f"{name}.png"
+        assert main(["sample", "--adapter", str(adapter), "--prompt", "a photo of <alice>", "--steps", "2",
+                     "--out", str(out), "--quiet", *extra]) == 0
+        return np.asarray(Image.open(out)).astype(int), json.loads(out.with_suffix(".json").read_text())
+
+    zero, rec = draw("zero", workdir / "fused", "--lora-scale", "0")
+    alone, _ = draw("alone", workdir / "emb-only.safetensors")
+    one, _ = draw("one", workdir / "fused")
+    assert np.array_equal(zero, alone)
+    assert np.abs(one - zero).max() > 0
+    assert rec["adapter"]["lora_scale"] == 0.0 and "--lora-scale 0" in rec["reproduce"]

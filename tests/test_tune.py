@@ -553,3 +553,23 @@ def test_attention_regulariser_modes():
     assert attention_loss(leak, mask, has, "off").item() == 0.0
     coarse = [torch.stack([torch.ones(1, 16), torch.ones(1, 16)], -1)]  # a 4×4 layer: both leak fully
     assert attention_loss(leak + coarse + coarse, mask, has, "partial").item() == pytest.approx(1.0 + 2.0)
+
+
+def test_a_person_tunes_with_the_human_crop_and_accumulated_micro_batches(tmp_path):
+    """End to end on tiny: kind = person takes the human crop (padding out of the loss) and the default partial
+    regulariser; two micro-batches of one image make each step."""
+    from mos.client.tuning.tune import run_tune
+
+    d = tmp_path / "p"
+    (d / "masks").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(portrait().permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+        Image.fromarray(np.pad(np.full((15, 64), 255, np.uint8), ((0, 81), (0, 0)))).save(d / "masks" / f"{i}.png")
+    (d / "concept.toml").write_text('class_word = "woman"\nkind = "person"\n')
+    res = run_tune(d, tmp_path / "out", TuneConfig(steps=2, batch_size=1, grad_accum=2), "tiny", progress=False,
+                   checkpoint_every=0)
+    info = json.loads((tmp_path / "out" / "concept.json").read_text())
+    cfg = info["config"]
+    assert (cfg["crop"], cfg["attention_reg_mode"], cfg["grad_accum"], cfg["batch_size"]) == ("human", "partial", 2, 1)
+    assert len(info["loss"]["history"]) == 2 and all(np.isfinite(info["loss"]["history"]))
+    assert res.trainer is not None

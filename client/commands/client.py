@@ -33,6 +33,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="tuning steps (default: scaled to the data)")
     p.add_argument("--base", default="tiny", help="base model: tiny (default), tiny:SEED, a diffusers folder, …")
     p.add_argument("--adapter", default=None, help="use this tuned adapter (folder or file) instead of tuning")
+    p.add_argument("--lora-scale", type=float, default=1.0, metavar="A", help="multiply this concept's LoRA by A "
+                   "before it takes part (default 1), as `mos fuse PATH:A` does")
     p.add_argument("--tls-dir", default=None, help="folder with the server's ca.pem: connect over TLS")
     p.add_argument("--auth-key", default=None, help="this node's ECDSA private key (OpenSSH format) whose .pub "
                    "the server registered")
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     base = load_base(args.base, args.device)
     limit_threads(base)
-    adapter, data_digest = prepare_adapter(args.concept, args.adapter, args.base, args.steps, args.device)
+    adapter, data_digest = prepare_adapter(args.concept, args.adapter, args.base, args.steps, args.device,
+                                           args.lora_scale)
     if len(adapter.concepts) != 1:
         raise ValueError(f"--adapter holds {len(adapter.concepts)} concepts; a client brings exactly one")
     check_same_base(f"the adapter (--base {args.base})", adapter.fingerprint, base.fingerprint)

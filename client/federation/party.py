@@ -18,8 +18,18 @@ from mos.shared.sd.base import Base, mos_home
 
 
 def prepare_adapter(concept: str | None, adapter_path: str | None, base: str, steps: int | None,
-                    device: str | None) -> tuple[Adapter, str]:
-    """(adapter, data digest): the given adapter, or the concept's cached (else freshly tuned) one."""
+                    device: str | None, lora_scale: float = 1.0) -> tuple[Adapter, str]:
+    """(adapter, data digest): the given adapter, or the concept's cached (else freshly tuned) one, its LoRA
+    times `lora_scale` (what the party uploads; adapter_io.scaled records it in the adapter's meta)."""
+    adapter, digest = given_or_tuned(concept, adapter_path, base, steps, device)
+    if lora_scale != 1.0:
+        say(f"LoRA scaled by {lora_scale:g} before upload")
+        adapter = adapter_io.scaled(adapter, lora_scale)
+    return adapter, digest
+
+
+def given_or_tuned(concept: str | None, adapter_path: str | None, base: str, steps: int | None,
+                   device: str | None) -> tuple[Adapter, str]:
     if adapter_path:
         adapter = adapter_io.load(adapter_path)
         say(f"using adapter {adapter_path} ({', '.join(c.handle for c in adapter.concepts) or 'no concept'})")

@@ -12,7 +12,9 @@ HELP = "fuse concepts' adapters on one machine"
 
 def register(sub) -> None:
     p = sub.add_parser("fuse", help=HELP)
-    p.add_argument("adapters", nargs="+", help="tuned concept folders (or adapter.safetensors files)")
+    p.add_argument("adapters", nargs="+", metavar="PATH[:SCALE]", help="tuned concept folders (or "
+                   "adapter.safetensors files); :SCALE multiplies that concept's LoRA before fusion (runs/alice:0.7; "
+                   "default 1; recorded in fusion.json lora_scales)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--one-shot", action="store_true", help="all statistics from each concept's own model, one pass")
     p.add_argument("--method", choices=METHODS, default="gradient", help="gradient fusion, or the paper's weight-"
@@ -37,7 +39,7 @@ def run(args) -> int:
 
     config = FusionConfig(args.method, args.one_shot, args.eps, args.steps, args.sample_seed, args.guidance,
                           placement=args.placement)
-    adapters = [adapter_io.load(p) for p in args.adapters]
+    adapters = [adapter_io.load_scaled(p) for p in args.adapters]
     result = fuse(adapters, args.base, config, args.device, args.dtype)
     out = Path(args.out)
     write_result(result, out)

@@ -39,6 +39,9 @@ def register(sub) -> None:
                        description=__doc__ + "\nlayout file (TOML; JSON with the same keys and a "
                        "'regions' list works too):\n" + LAYOUT_HELP)
     p.add_argument("--adapter", help="adapter file or folder (one concept or a fused set); none: the plain base")
+    p.add_argument("--lora-scale", type=float, default=1.0, metavar="A",
+                   help="multiply the adapter's LoRA by A (default 1; 0: the concepts' embeddings only; the "
+                        "reference shows a single concept at 0.7)")
     p.add_argument("--prompt", help="the global prompt; concepts by handle, e.g. <alice>")
     p.add_argument("--negative", help="global negative prompt (default: empty)")
     p.add_argument("--region", action="append", default=[], metavar="PROMPT|NEG|x0,y0,x1,y1",
@@ -119,6 +122,8 @@ def check_numbers(args) -> None:
         raise ValueError("--steps must be at least 1")
     if args.guidance < 0:
         raise ValueError("--guidance must not be negative")
+    if args.lora_scale < 0:
+        raise ValueError("--lora-scale must not be negative")
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -134,7 +139,7 @@ def reproduce_command(args, used: dict[str, Any], record_path: Path) -> str:
     if used["negative"]:
         cmd += ["--negative", used["negative"]]
     if args.adapter:
-        cmd += ["--adapter", args.adapter]
+        cmd += ["--adapter", args.adapter, "--lora-scale", f"{args.lora_scale:g}"]
     for a in args.t2i_adapter:
         cmd += ["--t2i-adapter", a]
     for k in ("sketch", "keypose"):
@@ -166,7 +171,7 @@ def record(args, used: dict[str, Any], base, adapter, conditions: dict, seconds:
         "sampler": {"seed": args.seed, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler},
         "base": {"spec": args.base, "fingerprint": base.fingerprint},
         "adapter": None if adapter is None else {
-            "path": args.adapter, "sha256": sha256(adapter_file(args.adapter)),
+            "path": args.adapter, "sha256": sha256(adapter_file(args.adapter)), "lora_scale": args.lora_scale,
             "concepts": [{"name": c.name, "handle": c.handle, "class_word": c.class_word} for c in adapter.concepts]},
         "t2i": None if not conditions else {
             "weight": args.t2i_weight,
@@ -193,6 +198,8 @@ def run(args) -> int:
     from mos.shared.sampling.layout import check_handles
 
     adapter = adapter_mod.load(args.adapter) if args.adapter else None
+    if adapter is not None and args.lora_scale != 1.0:
+        adapter = adapter_mod.scaled(adapter, args.lora_scale)
     known = [c.name for c in adapter.concepts] if adapter else []
     check_handles([prompt, negative] + [t for r in regions for t in (r.prompt, r.negative)], known)
 

@@ -41,6 +41,35 @@ class Adapter:
         return {layer: int(A.shape[0]) for layer, (B, A) in self.lora.items()}
 
 
+def scaled(adapter: Adapter, scale: float) -> Adapter:
+    """The adapter with every LoRA B times `scale` (ΔW = scale·BA; the embeddings unchanged), the product of the
+    scales so far recorded in meta["lora_scale"]. The reference samples a single concept at 0.7 and checks 0
+    (embeddings only), 0.7 and 1."""
+    if scale < 0:
+        raise AdapterError(f"LoRA scale {scale:g}: must not be negative")
+    lora = {layer: (B * scale, A) for layer, (B, A) in adapter.lora.items()}
+    meta = {**adapter.meta, "lora_scale": float(adapter.meta.get("lora_scale", 1.0)) * scale}
+    return Adapter(adapter.fingerprint, adapter.concepts, lora, meta)
+
+
+def split_scale(spec: str) -> tuple[str, float]:
+    """`runs/alice:0.7` -> ("runs/alice", 0.7); a spec without a numeric `:SCALE` tail has scale 1."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def load_scaled(spec: str) -> Adapter:
+    """An adapter from `PATH[:SCALE]`, its LoRA scaled (left as it is at scale 1)."""
+    path, scale = split_scale(spec)
+    adapter = load(path)
+    return adapter if scale == 1.0 else scaled(adapter, scale)
+
+
 def adapter_file(path: str | Path) -> Path:
     p = Path(path)
     return p / FILENAME if p.is_dir() else p
