@@ -163,20 +163,31 @@ class SiteSolution:
     eps: float = math.nan  # lam / mean eigenvalue of SG: the ridge factor given, or the one GCV chose
 
 
-# Work on d x d Grams in pieces of at most this many bytes. Whole-matrix temporaries cost a
-# d x d allocation per concept and site; interleaved with the small long-lived per-concept terms
-# they fragment glibc's heap (RSS grew by hundreds of MiB per concept at SD1.5 sizes).
-_BLOCK_BYTES = 64 * 1024
+# Work on d x d Grams in row blocks of at most this many bytes, through one scratch buffer per call.
+# Whole-matrix temporaries cost a d x d allocation per concept and site; interleaved with the small
+# long-lived per-concept terms they fragment glibc's heap (RSS grew by hundreds of MiB per concept at
+# SD1.5 sizes). Blocks much smaller than this made intake slow: per-call overhead on tiny products.
+_BLOCK_BYTES = 1024 * 1024
 
 
-def _times_gram(A: Tensor, G: Tensor) -> Tensor:
-    """A @ G in float64 without copying a lower-precision G to float64 whole."""
+def _take_in(A: Tensor, G: Tensor, gram_sum: Tensor) -> Tensor:
+    """gram_sum += G and return A @ G (float64), in one pass over G without a float64 copy of it whole.
+
+    Intake at scale is bound by reading the Grams (about 300 MB per SD1.5 concept in float32), so each
+    block is converted once and used for both the sum and the product.
+    """
     if G.dtype == F64:
+        gram_sum += G
         return A @ G
-    out = torch.zeros(A.shape[0], G.shape[1], dtype=F64)
-    step = max(1, _BLOCK_BYTES // (8 * G.shape[1]))
+    d = G.shape[1]
+    out = torch.zeros(A.shape[0], d, dtype=F64)
+    step = max(1, _BLOCK_BYTES // (8 * d))
+    scratch = torch.empty(min(step, G.shape[0]), d, dtype=F64)
     for r in range(0, G.shape[0], step):
-        out.addmm_(A[:, r : r + step], G[r : r + step].to(F64))
+        block = scratch[: min(step, G.shape[0] - r)]
+        block.copy_(G[r : r + step])
+        gram_sum[r : r + step] += block
+        out.addmm_(A[:, r : r + step], block)
     return out
 
 
@@ -357,9 +368,9 @@ class SiteSums:
         # Validate everything before touching state, so a bad add leaves the sums intact.
         for layer, (B, A) in loras.items():
             self._check_lora(where, layer, B, A)
-        new_terms = self._terms_for(loras, G)
-
-        self.gram_sum += G  # promotes in place: no float64 copy of G
+        A_all = torch.cat([A.to(F64) for _, A in loras.values()]) if loras else torch.zeros(0, self.dim, dtype=F64)
+        # One pass over G for all layers of the site: the sum and every A_i G_i.
+        new_terms = self._terms_for(loras, _take_in(A_all, G, self.gram_sum))
         self.rows += rows
         self._seen[concept] = (rows, float(G.diagonal().sum(dtype=F64)))
         for layer, term in new_terms.items():
@@ -405,11 +416,8 @@ class SiteSums:
             raise ValueError(f"{where}, layer {layer!r}: LoRA contains NaN or Inf")
 
     @staticmethod
-    def _terms_for(loras: Mapping[str, tuple[Tensor, Tensor]], G: Tensor) -> dict[str, LayerTerm]:
-        if not loras:
-            return {}
-        # One product for all layers of the site: G (d x d) is then read once, not once per layer.
-        AG = _times_gram(torch.cat([A.to(F64) for _, A in loras.values()]), G)
+    def _terms_for(loras: Mapping[str, tuple[Tensor, Tensor]], AG: Tensor) -> dict[str, LayerTerm]:
+        """Split the stacked A_i G_i by layer and attach each layer's B_i and energy."""
         terms, start = {}, 0
         for layer, (B, A) in loras.items():
             # B stays in its incoming dtype (upcast at solve time, losslessly): about half the
