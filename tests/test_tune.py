@@ -573,3 +573,29 @@ def test_a_person_tunes_with_the_human_crop_and_accumulated_micro_batches(tmp_pa
     assert (cfg["crop"], cfg["attention_reg_mode"], cfg["grad_accum"], cfg["batch_size"]) == ("human", "partial", 2, 1)
     assert len(info["loss"]["history"]) == 2 and all(np.isfinite(info["loss"]["history"]))
     assert res.trainer is not None
+
+
+def test_captions_are_augmented_as_the_reference_does():
+    """A bare caption becomes one of the kind's prompts (several across steps); a written one keeps its first
+    part and shuffles the rest; the crops are the same either way."""
+    from mos.client.tuning.data import (OBJECT_PROMPTS, PEOPLE_PROMPTS, STYLE_PROMPTS, ConceptData, Item,
+                                        make_batch)
+
+    img = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    tagged = "<TOK>, red hat, blue coat, on a beach, smiling"
+    for kind, prompts in (("person", PEOPLE_PROMPTS), ("object", OBJECT_PROMPTS), ("style", STYLE_PROMPTS)):
+        data = ConceptData(Path("."), "x", "toy", [Item("0", img, "a photo of <TOK>", None),
+                                                    Item("1", img, tagged, None)], "d", kind=kind)
+        bare, shuffled = set(), set()
+        for step in range(30):
+            b = make_batch(data, 2, 0, step, 64, captions="augment")
+            fixed = make_batch(data, 2, 0, step, 64)
+            assert torch.equal(b.pixels, fixed.pixels)
+            for cap, orig in zip(b.captions, fixed.captions):
+                if orig == tagged:
+                    assert cap.startswith("<TOK>, ") and sorted(cap.split(", ")) == sorted(tagged.split(", "))
+                    shuffled.add(cap)
+                else:
+                    assert cap in {p.format("<TOK>") for p in prompts}
+                    bare.add(cap)
+        assert len(bare) >= 4 and len(shuffled) >= 4

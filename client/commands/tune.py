@@ -43,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--crop", choices=("square", "human"), default=None, help="training crop: square (random "
                    "50-100%% square, flipped half the time) or human (the reference's crop for people: the head "
                    "stays, padded, never flipped); default: by concept.toml kind, human for person and character")
+    p.add_argument("--captions", choices=("augment", "fixed"), default="augment", help="augment (default, as the "
+                   "reference): a missing caption is drawn each step from prompts for the concept's kind, and a "
+                   "written caption keeps its first comma-separated part and shuffles the rest; fixed: as written")
     p.add_argument("--attn-reg", choices=ATTENTION_REG_MODES, default=None, help="attention regulariser with "
                    "masks: full (token b's attention equals the mask), partial (it only stays inside: the "
                    "reference's default) or off; default: by concept.toml kind, off for style, else partial")
@@ -74,7 +77,8 @@ def run(args) -> int:
     try:
         config = TuneConfig(steps=args.steps, rank=args.rank, batch_size=args.batch_size, seed=args.seed,
                             placement=args.placement, mask_outside=args.mask_outside, trigger=trigger.strip(),
-                            grad_accum=args.grad_accum, crop=args.crop, attention_reg_mode=args.attn_reg)
+                            grad_accum=args.grad_accum, crop=args.crop, attention_reg_mode=args.attn_reg,
+                            captions=args.captions)
         out = tune(args.concept, args.out, config, args.base, class_word=args.class_word, resume=args.resume,
                    checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
                    gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)

@@ -40,6 +40,20 @@ CROP_SCALE = (0.5, 1.0)   # random resized crop: fraction of the short side's sq
 HUMAN_CROP_P = 0.5        # the reference's crop_p: how often the human crop cuts before fitting
 KINDS = ("person", "character", "object", "style")
 CROPS = ("square", "human")
+CAPTION_MODES = ("augment", "fixed")
+# Prompts a bare caption (none, or the TEMPLATE) is drawn from at each step, by kind, as the reference's EnhanceText
+# does: one fixed prompt teaches the concept one phrasing only.
+PEOPLE_PROMPTS = ("a photo of {}", "a photo of one {}", "a picture of {}", "a rendering of {}", "a rendition of {}",
+                  "a cropped photo of {}", "a close-up photo of {}", "a good photo of {}", "a bright photo of {}",
+                  "a bad photo of {}", "a weird photo of {}", "a cool photo of {}")
+OBJECT_PROMPTS = PEOPLE_PROMPTS + ("a dark photo of {}", "a photo of the small {}", "a photo of the large {}",
+                                   "a photo of a clean {}", "a photo of a dirty {}", "a photo of my {}")
+STYLE_PROMPTS = ("a painting in the style of {}", "a picture in the style of {}", "a rendering in the style of {}",
+                 "a close-up painting in the style of {}", "a dark painting in the style of {}",
+                 "a bright painting in the style of {}", "a small painting in the style of {}",
+                 "a large painting in the style of {}")
+BARE_PROMPTS = {"person": PEOPLE_PROMPTS, "character": PEOPLE_PROMPTS, "object": OBJECT_PROMPTS,
+                "style": STYLE_PROMPTS}
 
 
 @dataclass
@@ -228,6 +242,20 @@ def batch_indices(n_items: int, batch_size: int, seed: int, step: int) -> list[i
     return out
 
 
+def augment_caption(caption: str, kind: str, g: torch.Generator) -> str:
+    """The caption of one step: a bare caption becomes one of the kind's prompts; a written one keeps its first
+    comma-separated part and shuffles the rest (the reference's ShuffleCaption, keep_token_num 1), so that no tag
+    is learnt for its position."""
+    if caption == TEMPLATE:
+        prompts = BARE_PROMPTS[kind]
+        return prompts[int(torch.randint(len(prompts), (1,), generator=g))].format(TOKEN)
+    parts = [p.strip() for p in caption.split(",")]
+    if len(parts) < 3:
+        return caption
+    rest = [parts[1:][i] for i in torch.randperm(len(parts) - 1, generator=g).tolist()]
+    return ", ".join([parts[0], *rest])
+
+
 def mirror_caption(caption: str) -> str:
     """The caption of the left-right mirrored picture: 'left' and 'right' trade places."""
     return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", caption)
@@ -296,13 +324,17 @@ class Batch:
     valid: torch.Tensor | None = None  # [B, 1, S, S]: 0 on padding the loss must not see (None: none padded)
 
 
-def make_batch(data: ConceptData, batch_size: int, seed: int, step: int, size: int, crop: str = "square") -> Batch:
-    """The images of `step`, cropped by `crop` (CROPS)."""
+def make_batch(data: ConceptData, batch_size: int, seed: int, step: int, size: int, crop: str = "square",
+               captions: str = "fixed") -> Batch:
+    """The images of `step`, cropped by `crop` (CROPS), captions as they are or augmented (CAPTION_MODES)."""
     if crop not in CROPS:
         raise ValueError(f"crop {crop!r}: use one of {', '.join(CROPS)}")
+    if captions not in CAPTION_MODES:
+        raise ValueError(f"captions {captions!r}: use one of {', '.join(CAPTION_MODES)}")
     g = seeded(seed, "crop", step)
+    gc = seeded(seed, "caption", step)  # its own stream: augmenting captions leaves the crops as they were
     idx = batch_indices(len(data.items), batch_size, seed, step)
-    pixels, masks, has, captions, valid = [], [], [], [], []
+    pixels, masks, has, texts, valid = [], [], [], [], []
     for i in idx:
         it = data.items[i]
         if crop == "human":
@@ -314,7 +346,7 @@ def make_batch(data: ConceptData, batch_size: int, seed: int, step: int, size: i
         pixels.append(px)
         masks.append(m if m is not None else torch.ones(1, size, size))
         has.append(m is not None)
-        captions.append(caption)
+        texts.append(augment_caption(caption, data.kind, gc) if captions == "augment" else caption)
         valid.append(v)
-    return Batch(torch.stack(pixels), torch.stack(masks), torch.tensor(has), captions,
+    return Batch(torch.stack(pixels), torch.stack(masks), torch.tensor(has), texts,
                  torch.stack(valid) if crop == "human" else None)

@@ -47,6 +47,7 @@ class TuneConfig:
     # reg_full_identity: false); off. None: the concept's kind decides (settings.KIND_DEFAULTS)
     attention_reg_mode: str | None = None
     crop: str | None = None              # square | human (data.py); None: the concept's kind decides
+    captions: str = "augment"            # augment: bare captions drawn from the kind's prompts, tags shuffled; fixed
     grad_accum: int | None = None        # micro-batches per optimiser step; None: 1, or batch_plan's on real bases
     init_std: float = 0.013
     trigger: str = ""  # plain LoRA: no concept tokens, the handle stands for these words (the paper's LoRA baseline)
@@ -283,7 +284,7 @@ def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = Tr
     if trainer.recorder is not None:
         trainer.recorder.start(positions if regularised else None)
     with trainer.autocast():
-        hidden = base.text_encoder(ids.reshape(-1, ids.shape[-1]).to(dev)).last_hidden_state
+        hidden = encode_rows(base.text_encoder, ids.reshape(-1, ids.shape[-1]).to(dev))
         cond = hidden.view(b, -1, *hidden.shape[1:]) if layerwise else hidden
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
     err = (pred.float() - target.float()) ** 2
@@ -296,6 +297,22 @@ def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = Tr
     reg = (attention_loss(trainer.recorder.take(), batch.masks, batch.has_mask, cfg.attention_reg_mode or "full")
            if regularised else err.new_zeros(()))
     return mse + cfg.attention_reg * reg, mse, reg
+
+
+def encode_rows(text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The text encoder's last hidden states [rows, n, dim] for ids [rows, n], each distinct row encoded once.
+
+    Rows repeat where layers share ids (a plain-LoRA trigger concept has the same ids in all L layers, so its
+    B·L rows hold only B distinct ones) and where a batch holds one caption twice (padding of a short batch,
+    small concept folders). Each row is encoded on its own (no attention across rows), so a repeated row's
+    states are a copy of the first's: gathering them is exact, and autograd sums the copies' gradients as the
+    separate passes would. ED-LoRA rows differ in every layer (each has its own concept embeddings) and go
+    through unchanged, in their own order.
+    """
+    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    if len(unique) == len(ids):
+        return text_encoder(ids).last_hidden_state
+    return text_encoder(unique).last_hidden_state[inverse]
 
 
 def prediction_target(trainer: Trainer, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

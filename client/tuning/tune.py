@@ -164,8 +164,8 @@ def run(trainer: Trainer, data: ConceptData, out: Path, key: dict, resume: bool,
                dynamic_ncols=True)
     with recording, bar:
         for step in range(start, cfg.steps):
-            micro = [make_batch(data, cfg.batch_size, cfg.seed, step * cfg.grad_accum + k, res, cfg.crop)
-                     for k in range(cfg.grad_accum)]
+            micro = [make_batch(data, cfg.batch_size, cfg.seed, step * cfg.grad_accum + k, res, cfg.crop,
+                                cfg.captions) for k in range(cfg.grad_accum)]
             stats = train_step(trainer, micro if len(micro) > 1 else micro[0], step)
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"loss became {stats.loss} at step {step + 1}; the last good checkpoint "
