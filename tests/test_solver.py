@@ -444,7 +444,7 @@ def test_float32_gram_is_used_blockwise_like_its_float64_copy():
     b.add("c", G32.double(), 400, loras)
     assert torch.equal(a.gram_sum, b.gram_sum)
     for layer in loras:
-        assert rel(a._terms[layer]["c"].AG, b._terms[layer]["c"].AG) < 1e-14
+        assert rel(a.terms()[layer][0].AG, b.terms()[layer][0].AG) < 1e-14
     a.remove("c", G32, 400)
     assert torch.count_nonzero(a.gram_sum) == 0
 
@@ -541,3 +541,31 @@ def test_gcv_needs_energies_and_rows():
         solve_site(x.T @ x, {"L": [LayerTerm(B, A @ x.T @ x)]}, None, rows=20)  # no energy
     with pytest.raises(ValueError, match="GCV"):
         solve_site(x.T @ x, {"L": [LayerTerm(B, A @ x.T @ x, energy=1.0)]}, None)  # no rows
+
+
+def test_spilled_terms_solve_like_memory_and_leave_no_file_behind(tmp_path):
+    from mos.shared.fusion.spill import SpilledTerms
+
+    g = gen(36)
+    d = 20
+    spilled, memory = SiteSums("s", d, SpilledTerms(tmp_path / "s")), SiteSums("s", d)
+    data = {}
+    for name in ("a", "b", "c"):
+        x = rows(30, d, g)
+        lo = {"to_k": lora(8, d, 2, g), "to_v": lora(8, d, 3, g)} if name != "b" else {"to_k": lora(8, d, 2, g)}
+        data[name] = (x.T @ x, lo)
+        for site in (spilled, memory):
+            site.add(name, x.T @ x, 30, lo)
+    assert len(list((tmp_path / "s").iterdir())) == 3  # one file per concept, nothing in memory
+    spilled.remove("a", data["a"][0], 30)
+    memory.remove("a", data["a"][0], 30)
+    assert len(list((tmp_path / "s").iterdir())) == 2
+    for eps in (DEFAULT_EPS, None):
+        got, want = spilled.solve(eps), memory.solve(eps)
+        assert got.lam == want.lam and set(got.loras) == set(want.loras) == {"to_k", "to_v"}
+        for layer in want.loras:
+            assert torch.equal(got.loras[layer][0], want.loras[layer][0])
+            assert torch.equal(got.loras[layer][1], want.loras[layer][1])
+    for name in ("b", "c"):
+        spilled.remove(name, data[name][0], 30)
+    assert not list((tmp_path / "s").iterdir())

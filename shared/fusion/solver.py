@@ -90,7 +90,8 @@ dW_i = 0 there and pulls the fused layer towards W0 on its inputs.
 
 Running sums (SiteSums)
 -----------------------
-Per site the server keeps SG (d x d) and, per layer and concept, the small terms B_i and A_i G_i.
+Per site the server keeps SG (d x d) and, per layer and concept, the small terms B_i and A_i G_i
+(in memory, or spilled to files so that the server's memory does not grow with the concepts).
 Concepts stream in one at a time, so the server never holds all G_i; removing a concept
 subtracts its G_i (the caller supplies it again) and drops its terms, and the next solve gives
 the previous result back up to float64 rounding.
@@ -104,7 +105,9 @@ DEFAULT_EPS                                   ridge factor eps (see above); eps=
 LayerTerm(B, AG, energy)                      one concept's terms for one layer; energy = tr(B A G A^T B^T) (GCV)
 SiteSolution(loras, path, lam, dense, eps)    solve output: layer -> (B*, A*), "cholesky"|"eigh", lam, dense layers,
                                               eps = lam / mean eigenvalue of SG
-SiteSums(name, dim)                           running sums of one site (.gram_sum, .rows, .concepts, .layers)
+SiteSums(name, dim, store=None)               running sums of one site (.gram_sum, .rows, .concepts, .layers,
+                                              .terms()); per-concept terms in a TermStore (MemoryTerms by
+                                              default; spill.SpilledTerms keeps them in files)
   .add(concept, gram, rows, loras)            loras: layer -> (B, A); gram dense d x d or packed
   .remove(concept, gram, rows)                gram/rows as given to add
   .solve(eps=DEFAULT_EPS) -> SiteSolution      eps=None: GCV over .rows
@@ -119,7 +122,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -131,6 +134,8 @@ __all__ = [
     "LayerTerm",
     "SiteSolution",
     "SiteSums",
+    "TermStore",
+    "MemoryTerms",
     "solve_site",
     "weight_fusion",
     "residual_parts",
@@ -335,16 +340,45 @@ def solve_site(
     return SiteSolution(out, path, lam, frozenset(dense), eps)
 
 
-class SiteSums:
-    """Running sums for one input site: SG, row counts, per-layer per-concept terms."""
+class TermStore(Protocol):
+    """Where a site keeps its per-concept terms until the solve: memory, or files (spill.py)."""
 
-    def __init__(self, name: str, dim: int) -> None:
+    def put(self, concept: str, terms: dict[str, LayerTerm]) -> None: ...
+    def drop(self, concept: str) -> None: ...
+    def load(self) -> dict[str, list[LayerTerm]]: ...  # layer -> terms, concepts in the order they came
+
+
+class MemoryTerms:
+    """The default TermStore: a dict. At SD1.5 sizes it grows by ~7 MiB per concept over all sites."""
+
+    def __init__(self) -> None:
+        self._by_concept: dict[str, dict[str, LayerTerm]] = {}
+
+    def put(self, concept: str, terms: dict[str, LayerTerm]) -> None:
+        self._by_concept[concept] = terms
+
+    def drop(self, concept: str) -> None:
+        self._by_concept.pop(concept, None)
+
+    def load(self) -> dict[str, list[LayerTerm]]:
+        out: dict[str, list[LayerTerm]] = {}
+        for terms in self._by_concept.values():
+            for layer, term in terms.items():
+                out.setdefault(layer, []).append(term)
+        return out
+
+
+class SiteSums:
+    """Running sums for one input site: SG and row counts in memory, per-layer per-concept terms in `store`."""
+
+    def __init__(self, name: str, dim: int, store: TermStore | None = None) -> None:
         self.name = name
         self.dim = dim
         self.gram_sum = torch.zeros(dim, dim, dtype=F64)
         self.rows = 0
         self._seen: dict[str, tuple[int, float]] = {}  # concept -> (rows, tr G_i) to vet removals
-        self._terms: dict[str, dict[str, LayerTerm]] = {}  # layer -> concept -> term
+        self._store: TermStore = store if store is not None else MemoryTerms()
+        self._layers: dict[str, dict[str, None]] = {}  # layer -> the concepts with a term there (ordered set)
         self._out_dim: dict[str, int] = {}
 
     @property
@@ -353,7 +387,11 @@ class SiteSums:
 
     @property
     def layers(self) -> list[str]:
-        return [name for name, by_concept in self._terms.items() if by_concept]
+        return [name for name, by_concept in self._layers.items() if by_concept]
+
+    def terms(self) -> dict[str, list[LayerTerm]]:
+        """layer -> every concept's LayerTerm there (read back from the store)."""
+        return self._store.load()
 
     def add(
         self, concept: str, gram: Tensor, rows: int, loras: Mapping[str, tuple[Tensor, Tensor]]
@@ -373,8 +411,9 @@ class SiteSums:
         new_terms = self._terms_for(loras, _take_in(A_all, G, self.gram_sum))
         self.rows += rows
         self._seen[concept] = (rows, float(G.diagonal().sum(dtype=F64)))
+        self._store.put(concept, new_terms)
         for layer, term in new_terms.items():
-            self._terms.setdefault(layer, {})[concept] = term
+            self._layers.setdefault(layer, {})[concept] = None
             self._out_dim[layer] = term.B.shape[0]
 
     def remove(self, concept: str, gram: Tensor, rows: int) -> None:
@@ -389,7 +428,8 @@ class SiteSums:
             raise ValueError(f"{where}: Gram/rows differ from those added (tr {trace:.6g} vs {seen_trace:.6g})")
 
         del self._seen[concept]
-        for by_concept in self._terms.values():
+        self._store.drop(concept)
+        for by_concept in self._layers.values():
             by_concept.pop(concept, None)
         if self._seen:
             self.gram_sum -= G
@@ -401,8 +441,7 @@ class SiteSums:
 
     def solve(self, eps: float | None = DEFAULT_EPS) -> SiteSolution:
         """eps=None: lam by GCV (module docstring)."""
-        terms = {layer: list(by_c.values()) for layer, by_c in self._terms.items()}
-        return solve_site(self.gram_sum, terms, eps, self.rows)
+        return solve_site(self.gram_sum, self.terms(), eps, self.rows)
 
     def _check_lora(self, where: str, layer: str, B: Tensor, A: Tensor) -> None:
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or A.shape[1] != self.dim:
@@ -410,7 +449,7 @@ class SiteSums:
                 f"{where}, layer {layer!r}: LoRA shapes B{tuple(B.shape)} A{tuple(A.shape)} "
                 f"do not fit d_in={self.dim}"
             )
-        if layer in self._out_dim and self._terms.get(layer) and B.shape[0] != self._out_dim[layer]:
+        if layer in self._out_dim and self._layers.get(layer) and B.shape[0] != self._out_dim[layer]:
             raise ValueError(f"{where}, layer {layer!r}: d_out {B.shape[0]} != {self._out_dim[layer]}")
         if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
             raise ValueError(f"{where}, layer {layer!r}: LoRA contains NaN or Inf")
