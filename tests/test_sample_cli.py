@@ -169,3 +169,34 @@ def test_lora_scale_zero_is_the_embeddings_only_picture(workdir):
     assert np.array_equal(zero, alone)
     assert np.abs(one - zero).max() > 0
     assert rec["adapter"]["lora_scale"] == 0.0 and "--lora-scale 0" in rec["reproduce"]
+
+
+def test_each_t2i_condition_has_its_own_weight_per_region():
+    """A condition's weight (global, or per region by kind) changes only that condition's residual."""
+    from diffusers import T2IAdapter
+
+    from mos.shared.sampling.layout import parse_region
+    from mos.shared.sampling.t2i import Condition, residuals
+
+    torch.manual_seed(0)
+    ads = {k: T2IAdapter(in_channels=1, channels=[32, 32, 64, 64], num_res_blocks=1, downscale_factor=8)
+           for k in ("sketch", "keypose")}
+    img = torch.rand(1, 1, 64, 64)
+
+    def res(sketch, keypose, regions=()):
+        return residuals([Condition("sketch", ads["sketch"], img, sketch),
+                          Condition("keypose", ads["keypose"], img, keypose)], regions)
+
+    only_sketch = residuals([Condition("sketch", ads["sketch"], img, 1.0)])
+    only_keypose = residuals([Condition("keypose", ads["keypose"], img, 1.0)])
+    for a, b, s, k in zip(res(0.5, 0.8), res(1.0, 0.8), only_sketch, only_keypose):
+        assert torch.allclose(b - a, 0.5 * s, atol=1e-5)  # only the sketch's share moved
+    (left,) = parse_region("<alice>||0,0,0.5,1|sketch=0")  # no sketch in the left half; keypose as global
+    assert left.t2i_weight_for("sketch") == 0.0 and left.t2i_weight_for("keypose") is None
+    assert left.as_dict()["t2i_weight"] == {"sketch": 0.0}
+    for r, s, k in zip(res(0.5, 0.8, [left.fractions((64, 64))]), only_sketch, only_keypose):
+        half = r.shape[-1] // 2
+        if half == 0:  # a 1×1 map's one cell lies in the box
+            continue
+        assert torch.allclose(r[..., :half], 0.8 * k[..., :half], atol=1e-5)
+        assert torch.allclose(r[..., half:], 0.5 * s[..., half:] + 0.8 * k[..., half:], atol=1e-5)

@@ -64,6 +64,10 @@ def register(sub) -> None:
     t.add_argument("--keypose", help="keypose condition image (output size)")
     t.add_argument("--t2i-weight", type=float, default=1.0,
                    help="global T2I weight (default 1); a region's own weight overrides it inside its box")
+    t.add_argument("--sketch-weight", type=float, default=None, help="the sketch condition's weight (default: "
+                   "--t2i-weight; the paper pairs keypose 0.8 with sketch 0.5)")
+    t.add_argument("--keypose-weight", type=float, default=None, help="the keypose condition's weight (default: "
+                   "--t2i-weight)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_base_options(p)
     p.set_defaults(run=run)
@@ -110,6 +114,11 @@ def t2i_paths(args) -> dict[str, tuple[str, str]]:
     return out
 
 
+def condition_weights(args) -> dict[str, float]:
+    """Each condition's weight: its own flag, else --t2i-weight."""
+    return {k: w if (w := getattr(args, f"{k}_weight")) is not None else args.t2i_weight for k in ("sketch", "keypose")}
+
+
 def out_paths(out: str) -> tuple[Path, Path, Path]:
     p = Path(out)
     if p.suffix.lower() not in IMAGE_SUFFIXES:
@@ -147,6 +156,9 @@ def reproduce_command(args, used: dict[str, Any], record_path: Path) -> str:
             cmd += [f"--{k}", getattr(args, k)]
     if args.t2i_adapter:
         cmd += ["--t2i-weight", f"{args.t2i_weight:g}"]
+        for kind, w in condition_weights(args).items():
+            if w != args.t2i_weight:
+                cmd += [f"--{kind}-weight", f"{w:g}"]
     for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
         if value:
             cmd += [flag, value]
@@ -174,7 +186,7 @@ def record(args, used: dict[str, Any], base, adapter, conditions: dict, seconds:
             "path": args.adapter, "sha256": sha256(adapter_file(args.adapter)), "lora_scale": args.lora_scale,
             "concepts": [{"name": c.name, "handle": c.handle, "class_word": c.class_word} for c in adapter.concepts]},
         "t2i": None if not conditions else {
-            "weight": args.t2i_weight,
+            "weight": args.t2i_weight, "weights": condition_weights(args),
             "conditions": {k: {"adapter": a, "image": img, "image_sha256": sha256(img)}
                            for k, (a, img) in conditions.items()}},
         "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
@@ -216,7 +228,7 @@ def run(args) -> int:
     if size[0] % base.vae_scale or size[1] % base.vae_scale:
         raise ValueError(f"--size {size[0]}x{size[1]} must be a multiple of {base.vae_scale}")
     regions = [r.fractions(size) for r in regions]
-    res = t2i.weighted_residuals(conditions, base, size, regions, args.t2i_weight)
+    res = t2i.weighted_residuals(conditions, base, size, regions, condition_weights(args))
 
     model = ConceptModel.from_adapter(base, adapter) if adapter else ConceptModel(base)
     lat = initial_latents(model, 1, args.seed, size)

@@ -32,7 +32,8 @@ size = "512x512"                                      # optional (or [512, 512])
 prompt = "a photo of <alice>"
 negative = ""                 # optional: empty means the global negative
 box = [0.0, 0.0, 0.5, 1.0]    # left, top, right, bottom: fractions 0-1 or pixels
-t2i_weight = 1.0              # optional: T2I-Adapter weight inside this box"""
+t2i_weight = 1.0              # optional: T2I-Adapter weight inside this box, or per condition:
+                              # t2i_weight = { sketch = 0.5, keypose = 0.8 }"""
 
 
 class LayoutError(ValueError):
@@ -45,7 +46,18 @@ class Region:
     negative: str = ""
     box: BoxT = (0.0, 0.0, 1.0, 1.0)
     in_pixels: bool = False
-    t2i_weight: float | None = None
+    # T2I weight inside the box: one for every condition, or ((kind, weight), ...) for the kinds named
+    t2i_weight: float | tuple[tuple[str, float], ...] | None = None
+
+    def t2i_weight_for(self, kind: str | None) -> float | None:
+        """The weight this box gives condition `kind` (None: the box says nothing for it)."""
+        if isinstance(self.t2i_weight, tuple):
+            return dict(self.t2i_weight).get(kind)
+        return self.t2i_weight
+
+    def t2i_label(self) -> str:
+        w = self.t2i_weight
+        return ",".join(f"{k}={v:g}" for k, v in w) if isinstance(w, tuple) else f"{w:g}"
 
     def fractions(self, size: tuple[int, int]) -> "Region":
         """This region with its box in fractions of a `size` = (width, height) image, checked."""
@@ -70,6 +82,8 @@ class Region:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["box"] = list(self.box)
+        if isinstance(self.t2i_weight, tuple):
+            d["t2i_weight"] = dict(self.t2i_weight)
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -117,9 +131,21 @@ def make_box(values: Iterable[float], where: str) -> tuple[BoxT, bool]:
     return vals, not all(0.0 <= v <= 1.0 for v in vals)
 
 
-def _weight(text: Any, where: str) -> float | None:
+T2I_KINDS = ("sketch", "keypose")
+
+
+def _weight(text: Any, where: str) -> float | tuple[tuple[str, float], ...] | None:
+    """A region's T2I weight: a number, or per condition as a table {sketch = 0.5} or text `sketch=0.5,keypose=1`."""
     if text is None or (isinstance(text, str) and not text.strip()):
         return None
+    if isinstance(text, str) and "=" in text:
+        pairs = [part.partition("=") for part in text.split(",")]
+        text = {k.strip(): v for k, _, v in pairs}
+    if isinstance(text, dict):
+        unknown = sorted(set(text) - set(T2I_KINDS))
+        if unknown:
+            raise LayoutError(f"{where}: T2I weight for {', '.join(unknown)}; conditions are {', '.join(T2I_KINDS)}")
+        return tuple(sorted((k, _weight(v, where)) for k, v in text.items()))
     try:
         w = float(text)
     except (TypeError, ValueError):

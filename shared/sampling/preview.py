@@ -79,7 +79,7 @@ def draw_layout(image, regions: list[Region], prompt: str, min_side: int = 512):
         draw.rectangle((x0, y0, x0 + tw + 6, y0 + line), fill=c)
         draw.text((x0 + 3, y0 + 1), tag, fill="white", font=font)
         neg = f"  (neg: {r.negative})" if r.negative else ""
-        w = f"  [t2i {r.t2i_weight:g}]" if r.t2i_weight is not None else ""
+        w = f"  [t2i {r.t2i_label()}]" if r.t2i_weight is not None else ""
         draw.text((6, y + line * (i + 1)), _fit(draw, f"{tag}: {r.prompt}{neg}{w}", font, canvas.width - 12),
                   fill=c, font=font)
     return canvas

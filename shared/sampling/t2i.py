@@ -76,14 +76,16 @@ def load_condition(path: str | Path, size: tuple[int, int], channels: int, what:
     return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
 
 
-def weight_map(regions: Sequence[Region], h: int, w: int, weight: float) -> torch.Tensor:
-    """[h, w]: `weight` everywhere, the mean of the box weights where boxes with a weight cover a cell."""
+def weight_map(regions: Sequence[Region], h: int, w: int, weight: float, kind: str | None = None) -> torch.Tensor:
+    """[h, w] for condition `kind`: `weight` everywhere, the mean of the box weights where boxes with a weight
+    for it cover a cell."""
     total, count = torch.zeros(h, w), torch.zeros(h, w)
     for r in regions:
-        if r.t2i_weight is None:
+        box_weight = r.t2i_weight_for(kind)
+        if box_weight is None:
             continue
         r0, r1, c0, c1 = cells(r.box, h, w)
-        total[r0:r1, c0:c1] += r.t2i_weight
+        total[r0:r1, c0:c1] += box_weight
         count[r0:r1, c0:c1] += 1
     return torch.where(count > 0, total / count.clamp(min=1), torch.full((h, w), float(weight)))
 
@@ -103,7 +105,8 @@ def residuals(conditions: Sequence[Condition], regions: Sequence[Region] = ()) -
     for c in conditions:
         p = next(c.adapter.parameters())
         feats = c.adapter(c.image.to(p.device, p.dtype))
-        weighted = [f * weight_map(regions, f.shape[-2], f.shape[-1], c.weight).to(f.device, f.dtype) for f in feats]
+        weighted = [f * weight_map(regions, f.shape[-2], f.shape[-1], c.weight, c.kind).to(f.device, f.dtype)
+                    for f in feats]
         out = weighted if out is None else [a + b for a, b in zip(out, weighted)]
     return out or []
 
@@ -142,8 +145,9 @@ def attached(unet, res: Sequence[torch.Tensor]) -> Iterator[None]:
 
 
 def weighted_residuals(conditions: dict[str, tuple[str, str]], base, size: tuple[int, int], regions: list[Region],
-                       weight: float) -> list:
-    """Load each condition's adapter and image (checked against the base and size) and weight their features."""
+                       weight: float | dict[str, float]) -> list:
+    """Load each condition's adapter and image (checked against the base and size) and weight their features:
+    `weight` is every condition's, or each kind's own (the paper pairs keypose 0.8 with sketch 0.5)."""
     if not conditions:
         if any(r.t2i_weight is not None for r in regions):
             print("note: region T2I weights are ignored without --t2i-adapter and a condition image",
@@ -153,7 +157,7 @@ def weighted_residuals(conditions: dict[str, tuple[str, str]], base, size: tuple
     for kind, (adapter_path, image_path) in conditions.items():
         ad = load_adapter(adapter_path, base.unet, base.vae_scale, base.device, base.dtype)
         image = load_condition(image_path, size, ad.config.in_channels, kind)
-        conds.append(Condition(kind, ad, image, weight))
+        conds.append(Condition(kind, ad, image, weight[kind] if isinstance(weight, dict) else weight))
     res = residuals(conds, regions)
     check_fits(res, base.unet, (size[1] // base.vae_scale, size[0] // base.vae_scale))
     return res
