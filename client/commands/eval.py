@@ -1,5 +1,5 @@
 """`mos eval retention fused/ runs/alice runs/bob [--also other_fused/ …] [--json]`
-`mos eval clip fused/ --clip CLIP_FOLDER --concept data/alice --concept data/bob [--json]`."""
+`mos eval clip fused/ --clip CLIP_FOLDER --concept data/alice --concept data/bob [--category C] [--json]`."""
 
 from __future__ import annotations
 
@@ -34,11 +34,18 @@ def register(sub) -> None:
     c.add_argument("--clip", required=True, help="a local CLIPModel folder (config, weights, tokenizer files)")
     c.add_argument("--concept", action="append", required=True, metavar="FOLDER",
                    help="a concept folder: its images are the references (repeat for each concept)")
-    c.add_argument("--prompts", type=int, default=4, help="prompts per concept (the paper: 20)")
+    # the keys of evaluation.clip.CATEGORIES, written out: importing it here would load torch for every `mos` call
+    c.add_argument("--category", choices=("human", "animal", "object", "scene"), default=None,
+                   help="the reference's prompt list to draw from (default: by each folder's kind; person and "
+                   "character: human, object: object)")
+    c.add_argument("--prompt-file", default=None, metavar="FILE",
+                   help="prompts one a line with <TOK> for the concept (the reference's benchmark_prompts format)")
+    c.add_argument("--prompts", type=int, default=4, help="prompts per concept, spread over the list (the paper: 20)")
     c.add_argument("--images", type=int, default=2, help="images per prompt (the paper: 50)")
     c.add_argument("--steps", type=int, default=20, help="sampling steps")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--json", action="store_true", help="print {concept: {text_alignment, image_alignment, images}}")
+    c.add_argument("--json", action="store_true", help="print {concept: {text_alignment, image_alignment, images, "
+                   "references, category, prompts}}")
     add_base_options(c)
     c.set_defaults(run=run_clip)
     w = esub.add_parser("world", help="the paper's claims in the toy world, read by the judge (ED-LoRA vs LoRA, "
@@ -89,27 +96,36 @@ def run_retention(args) -> int:
 def run_clip(args) -> int:
     from PIL import Image
 
-    from mos.client.evaluation.clip import PROMPTS, Clip, evaluate
+    from mos.client.evaluation.clip import CATEGORIES, Clip, category_for, evaluate, pick, read_prompt_file
     from mos.client.tuning.data import load_concept
     from mos.shared.formats import adapter as adapter_io
     from mos.shared.sd.base import load_base
 
-    if not 1 <= args.prompts <= len(PROMPTS) or args.images < 1:
-        raise ValueError(f"--prompts must be 1..{len(PROMPTS)} and --images at least 1")
+    if args.category and args.prompt_file:
+        raise ValueError("give --category or --prompt-file, not both")
+    if args.prompts < 1 or args.images < 1:
+        raise ValueError("--prompts and --images must be at least 1")
+    own = read_prompt_file(args.prompt_file) if args.prompt_file else None
     base = load_base(args.base, args.device, args.dtype)
-    adapter = adapter_io.load(args.adapter)
-    clip = Clip(args.clip, base.device)
-    refs = {}
+    refs, templates, category = {}, {}, {}
     for folder in args.concept:
         data = load_concept(folder, base.resolution)
         refs[data.name] = [Image.fromarray(it.image.permute(1, 2, 0).numpy()) for it in data.items]
-    table = evaluate(base, adapter, refs, clip, args.prompts, args.images, args.steps, args.seed)
+        category[data.name] = "file" if own else args.category or category_for(data.kind)
+        templates[data.name] = own or CATEGORIES[category[data.name]]
+        pick(templates[data.name], args.prompts)  # a --prompts the list cannot give fails before any sampling
+    adapter = adapter_io.load(args.adapter)
+    clip = Clip(args.clip, base.device)
+    table = evaluate(base, adapter, refs, clip, templates, args.prompts, args.images, args.steps, args.seed)
+    for name, row in table.items():
+        row["category"] = category[name]
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
-    print(f"{'concept':<16}{'text-alignment':>16}{'image-alignment':>17}{'images':>8}")
+    print(f"{'concept':<16}{'category':>10}{'text-alignment':>16}{'image-alignment':>17}{'images':>8}")
     for name, row in table.items():
-        print(f"{name:<16}{row['text_alignment']:>16.4f}{row['image_alignment']:>17.4f}{row['images']:>8}")
+        print(f"{name:<16}{row['category']:>10}{row['text_alignment']:>16.4f}{row['image_alignment']:>17.4f}"
+              f"{row['images']:>8}")
     return 0
 
 
