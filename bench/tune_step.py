@@ -11,6 +11,8 @@ the L passes cost, and how much sharing the causal prefix before the first conce
 Usage (repo root, package installed):
     python bench/tune_step.py                                   # tiny base, CPU
     python bench/tune_step.py --base sd15-random --device cuda  # SD1.5 at 512², batch 2 (a few minutes)
+    python bench/tune_step.py --base sd15-random --resolution 256 --threads 1 --steps 4 --warmup 1 \
+        --variants lora,edlora                                   # SD1.5 shapes on a CPU (about 6 minutes)
 Writes JSON (default bench/results/tune_step.json) and prints it.
 """
 
@@ -54,7 +56,7 @@ def te_pass(trainer, ids: torch.Tensor) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def measure(trainer, batches, steps: int, warmup: int) -> tuple[dict, dict]:
+def measure(trainer, batches, steps: int, warmup: int, variants: list[str] | None = None) -> tuple[dict, dict]:
     """ms of each job per round (jobs interleaved, order rotated every round) and peak CUDA memory (GiB).
 
     Jobs: the three step variants, and the text encoder alone with layer-wise ids (te_edlora) and plain ids
@@ -63,7 +65,7 @@ def measure(trainer, batches, steps: int, warmup: int) -> tuple[dict, dict]:
     dev = trainer.base.device
     captions = batches[0].captions
     te_ids = {"te_edlora": token_ids(trainer, captions, True)[0], "te_lora": token_ids(trainer, captions, False)[0]}
-    jobs = list(VARIANTS) + list(te_ids)
+    jobs = list(variants or VARIANTS) + list(te_ids)
     ms = {j: [] for j in jobs}
     peak = {j: 0.0 for j in jobs}
     with trainer.attention_recording():  # unmasked variants fall through to the stock (SDPA) path
@@ -103,6 +105,10 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="default: bf16/fp16 on CUDA (autocast), fp32 on CPU")
     ap.add_argument("--concept", default=str(REPO / "data" / "alice"))
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=None, help="image side in px (default: the base's native "
+                    "size; 256 keeps sd15-random on a CPU to seconds per step)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of "
+                    f"{', '.join(VARIANTS)} (lora and edlora always run: the ratio needs both)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps per variant (default 20 CPU, 10 CUDA)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -115,12 +121,14 @@ def main() -> None:
     base = load_base(args.base, args.device, args.dtype)
     load_s = time.perf_counter() - t_start
     steps = args.steps or (10 if base.device.type == "cuda" else 20)
-    data = load_concept(args.concept, base.resolution)
+    res = args.resolution or base.resolution
+    data = load_concept(args.concept, res)
     config = TuneConfig(steps=10**6, batch_size=args.batch_size)  # lr stays at its start over the few steps timed
     trainer = make_trainer(base, data.name, data.class_word or "doll", config,
                            gradient_checkpointing=args.gradient_checkpointing)
-    batches = [make_batch(data, args.batch_size, 0, s, base.resolution) for s in range(4)]
-    ms, peak = measure(trainer, batches, steps, args.warmup)
+    batches = [make_batch(data, args.batch_size, 0, s, res) for s in range(4)]
+    variants = [v for v in VARIANTS if v in {"lora", "edlora", *args.variants.split(",")}]
+    ms, peak = measure(trainer, batches, steps, args.warmup, variants)
     prefix = prefix_tokens(trainer, batches[0].captions)
     seq = base.tokenizer.model_max_length
     te_share = ratio(ms["te_edlora"], ms["edlora"])
@@ -128,12 +136,12 @@ def main() -> None:
         "base": args.base, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
         "device_name": torch.cuda.get_device_name(base.device) if base.device.type == "cuda" else platform.processor()
         or platform.machine(),
-        "resolution": base.resolution, "batch_size": args.batch_size, "cross_attention_layers": trainer.model.n_layers,
+        "resolution": res, "batch_size": args.batch_size, "cross_attention_layers": trainer.model.n_layers,
         "gradient_checkpointing": args.gradient_checkpointing, "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "ms_per_step": {v: summary(ms[v]) for v in VARIANTS},
+        "ms_per_step": {v: summary(ms[v]) for v in variants},
         "ratio_edlora_over_lora": ratio(ms["edlora"], ms["lora"]),
-        "ratio_edlora_masked_over_lora": ratio(ms["edlora_masked"], ms["lora"]),
+        "ratio_edlora_masked_over_lora": ratio(ms["edlora_masked"], ms["lora"]) if "edlora_masked" in ms else None,
         "text_encoder_fwd_bwd": {"edlora_ms": summary(ms["te_edlora"]), "lora_ms": summary(ms["te_lora"]),
                                  "share_of_edlora_step": te_share,
                                  "share_of_lora_step": ratio(ms["te_lora"], ms["lora"])},
