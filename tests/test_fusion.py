@@ -172,7 +172,7 @@ def test_mos_fuse_cli_writes_adapter_report_and_pipeline(tiny_base, alice, bob, 
     report = json.loads((out / "fusion.json").read_text())
     assert report["method"] == "gradient" and set(report["residuals"]) == {"alice", "bob"}
     assert set(report["lambda"]) and all(v > 0 for v in report["lambda"].values())
-    assert report["lambda_rule"] == "gcv" and set(report["eps_per_site"]) == set(report["lambda"])  # the default
+    assert report["lambda_rule"] == "fixed eps" and set(report["eps_per_site"]) == set(report["lambda"])
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
@@ -202,11 +202,12 @@ def test_lambda_is_chosen_per_site_unless_eps_fixes_it(tiny_base, alice, bob):
     assert all(min(abs(e - g) for g in grid) <= 1e-9 * e for e in chosen["eps_per_site"].values())
     fixed = reports[1e-2]
     assert fixed["lambda_rule"] == "fixed eps" and set(fixed["eps_per_site"].values()) == {1e-2}
-    # the CLI: GCV unless --eps is given
+    # the CLI: a fixed ε by default, GCV with --eps gcv
     parser = argparse.ArgumentParser()
     fuse_cmd.register(parser.add_subparsers())
-    assert parser.parse_args(["fuse", "a", "--out", "o"]).eps is None
-    assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "0.01"]).eps == 0.01
+    assert parser.parse_args(["fuse", "a", "--out", "o"]).eps == FusionConfig().eps == 1e-2
+    assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "gcv"]).eps is None
+    assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "1e-4"]).eps == 1e-4
 
 
 @pytest.mark.slow

@@ -118,14 +118,15 @@ def test_no_module_cites_documents_outside_the_repository():
 
 def test_the_app_bundle_declares_every_run_setting_with_mos_server_defaults():
     from mos.server.settings import Settings
+    from mos.shared.fusion.config import FusionConfig
 
     declared = tomllib.loads((REPO / "server" / "flwr_app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     config = declared["config"]
     ours = Settings("mos-out/server", "mos-state/server").run_config()
     assert config == ours
     assert Settings.from_run_config(config) == Settings("mos-out/server", "mos-state/server")
-    assert Settings.from_run_config(config).fusion.eps is None  # the default: λ per site by GCV
-    assert Settings.from_run_config({**config, "eps": 0.01}).fusion.eps == 0.01  # a number fixes it
+    assert Settings.from_run_config({**config, "eps": -1.0}).fusion.eps is None  # < 0: λ per site by GCV
+    assert Settings(".", ".", fusion=FusionConfig(eps=None)).run_config()["eps"] == -1.0
     with pytest.raises(ValueError, match="sample-steps"):
         Settings.from_run_config({**config, "sample-steps": "many"})
     with pytest.raises(ValueError, match="lacks 'rounds'"):

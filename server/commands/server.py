@@ -13,6 +13,8 @@ import socket
 import sys
 from pathlib import Path
 
+from mos.shared.fusion.config import FUSION_EPS, parse_eps
+
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mos-server", description="Fuse concepts from mos-client parties over Flower.")
@@ -36,8 +38,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
                    help="layers fused (default: the base's, as tuning places LoRA: wide on tiny/world, else "
                    "attention)")
-    p.add_argument("--eps", type=float, default=None, help="fix the ridge factor ε of the solve at every input site "
-                   "(λ = ε·tr(ΣG)/d); default: λ per site by generalized cross-validation (as `mos fuse`)")
+    p.add_argument("--eps", type=parse_eps, default=FUSION_EPS, help="ridge factor ε of the solve at every input "
+                   f"site (λ = ε·tr(ΣG)/d; default {FUSION_EPS:g}), or 'gcv': λ per site by generalized "
+                   "cross-validation (as `mos fuse`)")
     p.add_argument("--sample-steps", type=int, default=20, help="stage 3: sampling steps clients record spatial "
                    "statistics over (default 20; as `mos fuse --steps`)")
     p.add_argument("--sample-seed", type=int, default=0, help="stage 3: sampling seed (default 0)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mos.shared.commands.base import add_base_options
-from mos.shared.fusion.config import FIXED_EPS, FUSION_EPS, METHODS
+from mos.shared.fusion.config import FUSION_EPS, METHODS, parse_eps
 
 HELP = "fuse concepts' adapters on one machine"
 
@@ -25,9 +25,9 @@ def register(sub) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="guidance of the stage-3 sampling (default 7.5)")
     p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
                    help="layers fused (default: the base's, as tuning places LoRA: wide on tiny/world, else attention)")
-    p.add_argument("--eps", type=float, default=FUSION_EPS, help="fix the ridge factor ε at every input site "
-                   f"(λ = ε·tr(ΣG)/d; the product used {FIXED_EPS:g}); default: λ per site by generalized "
-                   "cross-validation, recorded in fusion.json")
+    p.add_argument("--eps", type=parse_eps, default=FUSION_EPS, help="ridge factor ε at every input site (λ = "
+                   f"ε·tr(ΣG)/d; default {FUSION_EPS:g}), or 'gcv': λ per site by generalized cross-validation; "
+                   "fusion.json records each site's λ")
     add_base_options(p)
     p.set_defaults(run=run)
 
