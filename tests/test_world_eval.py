@@ -37,6 +37,8 @@ def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_pat
         v[k] for m in r["multi"].values() for k, v in [("all_present", m), ("binding", m)]] + [
         r["base_alone"]["prompt_following"], *r["base_alone"]["binding"].values()]
     assert set(r["base_alone"]["binding"]) == {"plain", "regional"}
+    assert set(r["ceiling"]) == {"alice", "bob", "carol"}
+    assert all(set(v) == {"drawn", "autoencoded"} for v in r["ceiling"].values())
     assert all(0.0 <= x <= 1.0 for x in rates)
     assert [len(v) for v in pictures.values()] == [4, 4]  # per mode: images x (three concepts, concept + object)
     assert set(r["summary"]) == {"single_edlora_min", "single_lora_min", "fused3_gradient_keep_min",
@@ -71,6 +73,20 @@ def test_eval_world_base_only_tunes_nothing_and_writes_json_alone(tmp_path, monk
     we.write(r, pictures, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["world_eval.json"]
     assert we.table(r).startswith("0. the base alone")
+
+
+@pytest.mark.skipif(not judge_mod.WEIGHTS.is_file(), reason="judge weights not trained (scripts/train_judge.py)")
+def test_autoencoder_ceiling_judges_the_drawings_and_what_the_autoencoder_gives_back(tmp_path):
+    from mos.client.evaluation import world as we
+    from mos.shared.sd.base import load_base
+
+    s = we.Settings(DATA, tmp_path, images=6)
+    base, judge = load_base("world"), judge_mod.Judge()
+    got = we.autoencoder_ceiling(base, judge, "bob", s)
+    assert got["drawn"] == 1.0  # the judge knows bob's own drawings (big and small, every background)
+    assert got["autoencoded"] > 0.0
+    base.vae.decode = lambda z: type("Out", (), {"sample": torch.zeros(z.shape[0], 3, 64, 64)})()  # all gray
+    assert we.autoencoder_ceiling(base, judge, "bob", s) == {"drawn": 1.0, "autoencoded": 0.0}
 
 
 @pytest.mark.skipif(not judge_mod.WEIGHTS.is_file(), reason="judge weights not trained (scripts/train_judge.py)")
