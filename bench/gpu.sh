@@ -29,8 +29,8 @@ if [ "$quick" = 0 ] && "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_
   step=(--base sd15-random --device cuda --resolution 512 --steps 10 --warmup 3)
   stats=(--base sd15-random --device cuda --sample-steps 20 --reps 2)
   regional=(--base sd15-random --device cuda --size 512x512 --steps 20 --reps 3)
-  round=(--ns 2 --base sd15-random --device cuda --tune-steps 2 --sample-steps 20)
-  limits=(step:120 stats:75 regional:90 round:180)   # 465 s in all: under 8 minutes with the merge
+  round=(--ns 2 --base sd15-random --device cuda --threads 4 --tune-steps 2 --sample-steps 20)
+  limits=(step:110 stats:70 regional:80 round:200)   # 460 s in all: under 8 minutes with the merge
 else
   mode=cpu-tiny
   export OMP_NUM_THREADS=1

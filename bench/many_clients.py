@@ -151,8 +151,8 @@ def one_round(n: int, adapters: dict[str, Path], args: argparse.Namespace, work:
     """One round with N clients in `work`; the parties' figures and checks."""
     names = list(adapters)[:n]
     port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
-           "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads),
+           "FLWR_TELEMETRY_ENABLED": "0", "TRANSFORMERS_VERBOSITY": "error"}
     logs = work / "logs"
     logs.mkdir(parents=True)
     procs: dict[str, subprocess.Popen] = {}
@@ -256,6 +256,8 @@ def main() -> int:
     ap.add_argument("--base", default="tiny", help="tiny (default) or world")
     ap.add_argument("--device", default=None, help="clients' (and tuning's) device; default: cuda when present. "
                     "The server's ServerApp picks its own (cuda when present)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads of each process (torch here, "
+                    "OMP_NUM_THREADS for the parties; default 1: N parties share 2 cores here)")
     ap.add_argument("--tune-steps", type=int, default=10, help="tuning steps of each cached adapter (default 10)")
     ap.add_argument("--sample-steps", type=int, default=4, help="the server's --sample-steps (stage 3; default 4)")
     ap.add_argument("--stage-timeout", type=float, default=900.0)
@@ -267,7 +269,7 @@ def main() -> int:
     args = ap.parse_args()
     # `timeout` (bench/gpu.sh) sends SIGTERM: leave through the finally blocks that kill the parties started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     ns = [int(x) for x in args.ns.split(",") if x]
     t0 = time.perf_counter()
     adapters = prepare_adapters(max(ns), args.base, args.tune_steps, Path(args.cache), args.device)
@@ -287,7 +289,7 @@ def main() -> int:
             r["logs"] = None
     result = {
         "bench": "many_clients", "base": args.base, "device": args.device or "default", "tune_steps": args.tune_steps,
-        "sample_steps": args.sample_steps, "adapters_prepare_s": round(prep, 1),
+        "sample_steps": args.sample_steps, "threads": args.threads, "adapters_prepare_s": round(prep, 1),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "rounds": rounds,
         "all_finished": all(r["round_finished"] and r["same_adapter"].get("all_equal") for r in rounds),
