@@ -71,10 +71,10 @@ sum of the per-term `energy` tr(B_i A_i G_i A_i^T B_i^T), recorded when a concep
 R d^2 for the eigenbasis products that the solve needs anyway. One eigh per site (about 8x a
 Cholesky; 0.3 s at d = 1280 on one core) gives GCV on a grid of eps = lam / mean(mu) from 1e-8 (the
 numerical floor above) to 10, four points a decade, and the solve at the minimum. Directions below
-the Grams' rounding noise get no update, as on the eigh fallback. What GCV sees is the conflict
-between concepts on the rows they recorded: with many rows per direction (spatial sites record
-thousands of tokens per step) it tends towards small lam; it does not know that a later sampling
-trajectory may visit other inputs.
+the Grams' rounding noise get no update, as on the eigh fallback. GCV's n assumes independent rows.
+Real rows are tokens of a few prompts and steps of a few sampling trajectories, so it sees little
+overfitting there and picks lam near the floor; it also cannot see a later trajectory visiting
+other inputs. That is why the product's default (config.py) is a fixed eps and GCV is opt-in.
 
 LoRA form
 ---------
