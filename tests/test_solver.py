@@ -569,3 +569,16 @@ def test_spilled_terms_solve_like_memory_and_leave_no_file_behind(tmp_path):
     for name in ("b", "c"):
         spilled.remove(name, data[name][0], 30)
     assert not list((tmp_path / "s").iterdir())
+
+
+def test_gcv_with_too_few_rows_to_judge_damps_the_most():
+    from mos.shared.fusion.solver import _GCV_EPS
+
+    g = gen(37)
+    x = rows(30, 30, g)
+    B, A = lora(6, 30, 2, g)
+    G = x.T @ x
+    energy = float(((x @ (B @ A).T) ** 2).sum())
+    # claim 2 rows for a full-rank Gram: df > n at every candidate lam
+    sol = solve_site(G, {"L": [LayerTerm(B, A @ G, energy)]}, None, rows=2)
+    assert sol.eps == pytest.approx(_GCV_EPS[-1].item())

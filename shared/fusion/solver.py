@@ -280,7 +280,8 @@ def _gcv(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], energy: float, rows
     rss = rss.clamp(min=1e-12 * energy)
     df = (wk * f).sum(0)
     gcv = torch.where(df < rows, rss / (1 - df / rows) ** 2, torch.full_like(rss, math.inf))
-    k = int(torch.argmin(gcv))
+    # No finite GCV means fewer rows than even the largest lam's df: too little data to judge, so damp the most.
+    k = int(torch.argmin(gcv)) if bool(torch.isfinite(gcv).any()) else len(_GCV_EPS) - 1
     lam = float(lams[0, k])
     filt = torch.where(keep, 1.0 / (w + lam), torch.zeros_like(w))
     return (Q * filt) @ V.T, lam, float(_GCV_EPS[k])
