@@ -88,6 +88,14 @@ def test_triangular_factor_is_never_larger_than_packed_and_stays_psd(rows):
     assert gram_codec.gram_wire_bytes(d, rows, "float32") == t.numel() * 4
 
 
+@pytest.mark.parametrize("k,d,block", [(600, 600, 256), (130, 600, 256), (7, 50, 16), (50, 50, 16)])
+def test_factor_gram_by_blocks_equals_the_full_product(k, d, block):
+    R = torch.triu(torch.randn(k, d, generator=torch.Generator().manual_seed(k + d), dtype=torch.float64))
+    G = gram_codec._factor_gram(R, block)
+    assert torch.equal(G, G.T)
+    assert float((G - R.T @ R).abs().max()) <= 1e-12 * float((R.T @ R).abs().max())
+
+
 # ------------------------------------------------------------------------------------------------ round trips
 
 def test_adapter_and_stats_round_trip(tiny_base, manifest, alice):
