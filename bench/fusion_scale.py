@@ -533,8 +533,8 @@ def main() -> None:
             "Scope: intake here is SiteSums.add on dense float32 Grams. mos-server does more per Gram before that: "
             "decode_gram forms G = R^T R from the float32 triangular factor (d^3 per site), Fusion.check_stats checks it "
             "again and factors it (check_psd, d^3/3), and Fusion keeps every received float64 Gram in memory. Measured "
-            "per 1280-wide site on one thread (CPU time): decode 78 ms, check_psd 49 ms, check_gram 9 ms, against ~7 ms "
-            "for SiteSums.add: roughly 6 CPU s per SD1.5 concept, and ~580 MiB of held Grams per concept.",
+            "per 1280-wide site on one thread (CPU time): decode 47 ms, check_psd 45 ms, check_gram 9 ms, against ~7 ms "
+            "for SiteSums.add: roughly 4 CPU s per SD1.5 concept, and ~580 MiB of held Grams per concept.",
             "Memory that could grow with N: the per-concept terms (B_i, A_i G_i, kept so a concept can be removed; spilled to "
             "files unless --terms-in-memory) and the fused outputs (rank 4N per layer until it reaches the dense size); "
             "the Gram sums are fixed.",
