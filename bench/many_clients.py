@@ -132,7 +132,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 def same_adapter(paths: list[Path]) -> dict[str, Any]:
     """Whether every file holds the same tensors (names, shapes and values) and the same concepts."""
     first = adapter_io.load(paths[0])
-    ref = {k: t for k, t in first.lora.items()}
+    ref = first.lora
     differ = []
     for p in paths[1:]:
         other = adapter_io.load(p)
