@@ -101,12 +101,15 @@ def autoencoder_ceiling(base: Base, judge: Judge, name: str, s: Settings) -> dic
     makes latents, so a look the autoencoder cannot carry is lost before tuning starts."""
     import numpy as np
 
-    vae = base.vae
+    vae, backgrounds = base.vae, tuple(world.BACKGROUNDS)
     drawn = kept = 0
     for i in range(s.images):
+        # every place × background × size in turn (18 pictures), then again with the object nudged
         place = PLACES[i % len(PLACES)]
-        size, background = ("big", "small")[(i // len(PLACES)) % 2], tuple(world.BACKGROUNDS)[i % 3]
-        img = world.render(world.Scene([world.concept_thing(name, size, place)], background))[0]
+        background = backgrounds[(i // len(PLACES)) % len(backgrounds)]
+        size = ("big", "small")[(i // (len(PLACES) * len(backgrounds))) % 2]
+        nudge = 0.02 * (0, -1, 1)[(i // 18) % 3]
+        img = world.render(world.Scene([world.concept_thing(name, size, place, (nudge, nudge))], background))[0]
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
         y = vae.decode(vae.encode(x.to(base.device, vae.dtype)).latent_dist.mean).sample
         back = Image.fromarray(((y[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
