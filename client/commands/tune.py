@@ -25,7 +25,7 @@ def register(sub) -> None:
                    f"world; elsewhere {DEFAULT_PASSES} passes over the images at the batch size, at most "
                    f"{STEP_CAP['cpu']} on a CPU, {STEP_CAP['cuda']} on a GPU)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the base's recipe: 4, the paper's; "
-                   "16 on tiny/world)")
+                   "16 on world)")
     p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
                    help="layers that carry LoRA (default: the base's recipe: attention, the paper's; wide on "
                    "tiny/world: + feed-forward, transformer projections and ResNet convolutions)")
