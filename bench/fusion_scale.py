@@ -201,7 +201,7 @@ def run_scale(n: int, sites: list[dict], residual_upto: int, gram_dtype: torch.d
         add_per_concept.append(add_s - add_before)
     tenth = max(1, n // 10)
     held = {
-        "gram_sums_mib": _mib(sm.gram_sum for sm in sums),
+        "gram_sums_mib": sum(sm.dim ** 2 for sm in sums) * 8 / 2**20,
         "terms_mib": _mib(t for sm in sums for ts in sm.terms().values() for term in ts for t in (term.B, term.AG)),
         "terms_in": "files (spilled)" if spill else "memory",
     }
@@ -237,6 +237,84 @@ def run_scale(n: int, sites: list[dict], residual_upto: int, gram_dtype: torch.d
         res.sort()
         out["residual_concept0"] = {"median": res[len(res) // 2], "max": res[-1], "min": res[0]}
     return out
+
+
+def run_real(n: int, sites: list[dict], folder: str) -> dict:
+    """mos-server's intake as it runs: each synthetic Gram encoded by the wire codec as a client does (float32
+    triangular factor; clients' work, excluded), then per concept the server's decode_gram -> Fusion.check_stats ->
+    save to the state folder -> Fusion.add_stats over the file references (FlowerRunner._query's order), then every
+    stage's solve and the report. The fusion spills its terms under the state folder, as mos-server's does."""
+    from mos.protos import mos_pb2 as pb
+    from mos.shared.federation.gram_codec import decode_gram, encode_gram
+    from mos.shared.formats.adapter import Adapter
+    from mos.shared.fusion.driver import Fusion
+    from mos.shared.fusion.stats import Gram
+    from mos.shared.fusion.stats_file import checked_refs, save_stats
+    from mos.shared.sd.concepts import Concept
+    from mos.shared.sd.sites import Site
+
+    base_rss = _maxrss_mib()
+    objs = [Site(s["site"], s["dim"], tuple(l["name"] for l in s["layers"]), tuple(l["out_dim"] for l in s["layers"]),
+                 s.get("stage") or (1 if layer_kind(s["site"]) == "text" else 2 if layer_kind(s["site"]) == "cross_kv"
+                                    else 3)) for s in sites]
+    state = Path(folder)
+    fusion = Fusion("bench", objs, FusionConfig(eps=EPS), spill=state / ".fusion")
+    gen_s = intake_s = intake_cpu_s = 0.0
+    per_concept = []
+    for c in range(n):
+        name = f"c{c:03d}"
+        t0 = time.perf_counter()
+        wire_stats, lora = {}, {}
+        for k, s in enumerate(sites):
+            gram, rows = concept_gram(k, s["dim"], c, torch.float64)
+            enc, rank, t = encode_gram(Gram(gram, rows), "float32")
+            # The synthetic Gram is the full-rank expectation (as real spatial Grams over thousands of rows are); the
+            # wire requires rank <= rows, so it travels with the rows a full-rank Gram needs.
+            wire_stats[s["site"]] = (enc, rank, t.float(), max(rows, rank))
+            lora |= concept_loras(k, s, c)
+            del gram
+        adapter = Adapter("bench", [Concept(name, "object", torch.zeros(1, 0, 8))], lora)
+        t1, c1 = time.perf_counter(), time.process_time()
+        gen_s += t1 - t0
+        stats = {site: decode_gram(enc, rank, t, objs[k].dim, rows, site)
+                 for k, (site, (enc, rank, t, rows)) in enumerate(wire_stats.items())}
+        assert all(e == pb.TRIANGULAR_FACTOR for e, *_ in wire_stats.values())
+        del wire_stats
+        fusion.check_adapter(adapter)
+        fusion.check_stats(name, stats)
+        path = save_stats(stats, state / name / "stats-1.safetensors")
+        refs = checked_refs(stats, path)
+        del stats
+        fusion.add(adapter)
+        fusion.add_stats(name, refs)
+        dt = time.perf_counter() - t1
+        intake_s += dt
+        intake_cpu_s += time.process_time() - c1
+        per_concept.append(dt)
+    rss_after_intake = _maxrss_mib()
+    t0, c0 = time.perf_counter(), time.process_time()
+    fused = fusion.solve(1) | fusion.solve(2) | fusion.solve(3)
+    solve_s, solve_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    report = fusion.report()
+    report_s, report_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    res = sorted(r for by_site in report["residuals"].values() for r in by_site.values())
+    tenth = max(1, n // 10)
+    disk = sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
+    fusion.close()
+    return {
+        "n": n, "mode": "real", "gen_s": gen_s, "add_s": intake_s, "solve_s": solve_s, "report_s": report_s,
+        "server_s": intake_s + solve_s + report_s, "add_cpu_s": intake_cpu_s, "solve_cpu_s": solve_cpu_s,
+        "report_cpu_s": report_cpu_s, "server_cpu_s": intake_cpu_s + solve_cpu_s + report_cpu_s,
+        "add_s_per_concept_first_tenth": sum(per_concept[:tenth]) / tenth,
+        "add_s_per_concept_last_tenth": sum(per_concept[-tenth:]) / tenth,
+        "peak_rss_mib": _maxrss_mib(), "start_rss_mib": base_rss, "rss_after_intake_mib": rss_after_intake,
+        "gram_sums_mib": sum(s["dim"] ** 2 for s in sites) * 8 / 2**20, "terms_mib": float("nan"),
+        "terms_in": "files (spilled)", "outputs_mib": _mib(t for BA in fused.values() for t in BA),
+        "state_disk_mib": disk / 2**20, "residuals_reported": len(res),
+        "residual_median": res[len(res) // 2] if res else None, "residuals_skipped": report["residuals_skipped"],
+        "paths": dict(Counter(report["solve_path"].values())), "dense_layers": 0,
+    }
 
 
 # --------------------------------------------------------------------------- (2) LBFGS baseline
@@ -380,6 +458,11 @@ def summarise(scale: list[dict], lbfgs: dict | None) -> dict:
     by_n = {r["n"]: r for r in scale}
     big = by_n.get(max(by_n)) if by_n else None
     out: dict = {}
+    if big and big.get("mode") == "real":
+        out[f"n{big['n']}_real_server_total_s"] = round(big["server_s"], 3)
+        out[f"n{big['n']}_real_server_total_cpu_s"] = round(big["server_cpu_s"], 3)
+        out[f"n{big['n']}_real_report_s"] = round(big["report_s"], 3)
+        out[f"n{big['n']}_state_disk_mib"] = round(big["state_disk_mib"], 1)
     if big:
         out[f"n{big['n']}_server_total_s"] = round(big["server_s"], 3)
         out[f"n{big['n']}_add_s"] = round(big["add_s"], 3)
@@ -453,6 +536,9 @@ def main() -> None:
                     help="ridge factor of every solve, or 'gcv' (default: the product's, as mos fuse)")
     ap.add_argument("--terms-in-memory", action="store_true",
                     help="keep per-concept terms in memory instead of spilling them to a temporary folder")
+    ap.add_argument("--real", action="store_true",
+                    help="mos-server's intake path: wire-encoded Grams, decode -> check -> state file -> Fusion")
+    ap.add_argument("--spill-dir", default=None, help="where the temporary state/spill folder goes (default: TMPDIR)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sites-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -462,7 +548,10 @@ def main() -> None:
 
     if args.child is not None:
         sites = json.loads(Path(args.sites_file).read_text())
-        with tempfile.TemporaryDirectory(prefix="mos-spill-") as spill:
+        with tempfile.TemporaryDirectory(prefix="mos-spill-", dir=args.spill_dir) as spill:
+            if args.real:
+                print(json.dumps(run_real(args.child, sites, spill)))
+                return
             result = run_scale(args.child, sites, args.residual_upto, getattr(torch, args.gram_dtype),
                                None if args.terms_in_memory else spill)
         print(json.dumps(result))
@@ -487,7 +576,8 @@ def main() -> None:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--sites-file", sites_file,
                    "--residual-upto", str(args.residual_upto), "--threads", str(args.threads),
                    "--gram-dtype", args.gram_dtype, "--eps", "gcv" if EPS is None else repr(EPS)] + (
-                       ["--terms-in-memory"] if args.terms_in_memory else [])
+                       ["--terms-in-memory"] if args.terms_in_memory else []) + (["--real"] if args.real else []) + (
+                       ["--spill-dir", args.spill_dir] if args.spill_dir else [])
             env = {**os.environ, **child_env(args)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:

@@ -27,6 +27,7 @@ from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.driver import Fusion, FusionError
 from mos.shared.fusion.stats import Stats
+from mos.shared.fusion.stats_file import StoredGram, checked_refs
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.lora import Lora
 
@@ -76,7 +77,7 @@ class FlowerRunner:
         self.config = fusion.config
         self.members: dict[int, Member] = {}           # node -> member (accepted clients still in the round)
         self.out: dict[int, tuple[str, str, str]] = {}  # node -> (concept, kind, reason): rejected or dropped
-        self.from_state: dict[str, dict[int, Stats]] = {}  # registry concepts without a client this round
+        self.from_state: dict[str, dict[int, dict[str, StoredGram]]] = {}  # registry concepts without a client
         self.traffic: dict[str, dict[str, int]] = {}    # stage -> {"up": bytes, "down": bytes}
         self.pending_notices: dict[str, int] = {}        # message id -> node
 
@@ -156,7 +157,9 @@ class FlowerRunner:
 
     # --- stages ---------------------------------------------------------------------------------------------
 
-    def stage1(self, config: FusionConfig) -> dict[str, tuple[Adapter, Stats]]:
+    def stage1(self, config: FusionConfig) -> dict[str, tuple[Adapter, dict[str, StoredGram]]]:
+        """Every concept's adapter and stage-1 statistics, the statistics as references to the state's files:
+        an upload is decoded, checked and written one client at a time, so memory does not grow with N."""
         known = self.state.known(self.round)
         registry = self.state.registry()
         offer = [wire.held_token(n, d) for n, d in (registry | known).items()]
@@ -165,7 +168,7 @@ class FlowerRunner:
                 for n in self.nodes}
         replies = self.exchange("train.tune", tune)
         self._missing("train.tune", self.nodes, replies)
-        out: dict[str, tuple[Adapter, Stats]] = {}
+        out: dict[str, tuple[Adapter, dict[str, StoredGram]]] = {}
         for node in sorted(replies, key=lambda n: self._name_of(replies[n])):
             if node not in self.members:
                 continue
@@ -191,7 +194,7 @@ class FlowerRunner:
             return ""
 
     def _accept_tune(self, node: int, rd: RecordDict, known: dict[str, str], registry: dict[str, str],
-                     one_shot: bool) -> tuple[Adapter, Stats] | None:
+                     one_shot: bool) -> tuple[Adapter, dict[str, StoredGram]] | None:
         m = self.members[node]
         try:
             name = wire.concept_manifest(rd, f"node {node}").name
@@ -215,11 +218,12 @@ class FlowerRunner:
                 self.say(f"train.tune    {cm.name:<12} adapter and stage-1 statistics from the server's state "
                          f"(digest {cm.adapter_digest[:12]}): no upload, no tuning")
             else:
-                _, stats = wire.decode_stats(rd, self.manifest, 1, cm.name, f"node {node}", one_shot)
-                self._check_reach(node, adapter, stats)
+                _, decoded = wire.decode_stats(rd, self.manifest, 1, cm.name, f"node {node}", one_shot)
+                self._check_reach(node, adapter, decoded)
                 self.state.save_concept(self.round, adapter, cm.adapter_digest, {"node": node,
                                                                                   "data_digest": cm.data_digest})
-                self.state.save_stats(self.round, cm.name, 1, stats)
+                stats = checked_refs(decoded, self.state.save_stats(self.round, cm.name, 1, decoded))
+                del decoded
             m.adapter = adapter
             if node in self.keys:
                 self.state.claim(cm.name, self.keys[node])
@@ -245,18 +249,19 @@ class FlowerRunner:
         except FusionError as e:
             raise wire.WireError(f"node {node}: {e}") from None
 
-    def _stage_stats(self, stats: dict[int, Stats], stage: int, one_shot: bool) -> Stats:
+    def _stage_stats(self, stats: dict[int, dict[str, StoredGram]], stage: int, one_shot: bool
+                     ) -> dict[str, StoredGram]:
         """A stored concept's statistics for one stage. A one-shot upload holds every site under stage 1;
         where a later stage's own file exists it wins (it was computed with the fused layers before it)."""
         merged = {k: v for s in sorted(stats) for k, v in stats[s].items()}
         return {s.name: merged[s.name] for s in self.manifest.stage_sites(stage, one_shot) if s.name in merged}
 
-    def _query(self, kind: str, stage: int, fused: Lora, concepts: list[Concept]) -> dict[str, Stats]:
+    def _query(self, kind: str, stage: int, fused: Lora, concepts: list[Concept]) -> dict[str, dict[str, StoredGram]]:
         payload = wire.encode_fused(stage - 1, fused, concepts, self.manifest.fingerprint, self.round, self.config)
         nodes = list(self.members)
         replies = self.exchange(kind, {n: payload for n in nodes})
         self._missing(kind, nodes, replies)
-        out: dict[str, Stats] = {}
+        out: dict[str, dict[str, StoredGram]] = {}
         for node in nodes:
             if node not in self.members:
                 continue
@@ -268,8 +273,8 @@ class FlowerRunner:
                 except FusionError as e:
                     raise wire.WireError(f"node {node}: {e}") from None
                 m.cache[kind] = p.from_cache
-                self.state.save_stats(self.round, m.name, stage, stats)
-                out[m.name] = stats
+                out[m.name] = checked_refs(stats, self.state.save_stats(self.round, m.name, stage, stats))
+                del stats  # the fusion reads each Gram back from the file when it adds it
             except (wire.WireError, ValueError) as e:
                 self.leave(node, "rejected", str(e))
         for name, stats in self.from_state.items():

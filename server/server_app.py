@@ -78,7 +78,8 @@ def main(grid: Grid, context: Context) -> None:
             say(f"resuming: the server stopped during this round; held concepts: "
                 f"{', '.join(state.known(r)) or 'none'}")
         nodes = wait_for_clients(grid, settings.min_clients, served, say)
-        runner = FlowerRunner(grid, Fusion(base.fingerprint, list(manifest.sites), fusion_config, bounds), manifest,
+        runner = FlowerRunner(grid, Fusion(base.fingerprint, list(manifest.sites), fusion_config, bounds,
+                                                spill=state.round_dir(r) / ".fusion"), manifest,
                               state, r, nodes, settings.stage_timeout, say, keys)
         served |= set(nodes)
         try:

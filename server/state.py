@@ -8,7 +8,9 @@
     STATE/bounds-<placement>.json         the base's limits on one concept's reach (shared/fusion/driver.py)
 
 Every file is written to a temporary name and renamed, so a kill leaves either the old or the new file.
-Statistics are safetensors (float64 Grams under `gram/<site>`, row counts in the header); no pickle.
+Statistics are safetensors (shared/fusion/stats_file.py: a Gram that came as a triangular factor is kept as that
+factor, a dense one as float64; row counts in the header); no pickle. The round's fusion keeps its own files
+(per-site terms, Grams it had to write) under round-R/.fusion/, emptied when a server (re)starts the round.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.bounds import Bounds
 from mos.shared.fusion.stats import Stats
-from mos.shared.fusion.stats_file import load_stats, save_stats
+from mos.shared.fusion.stats_file import StoredGram, load_stats, save_stats
 
 STAGES = (1, 2, 3)
 
@@ -112,8 +114,8 @@ class ServerState:
         adapter_io.save(adapter, d / adapter_io.FILENAME)
         write_json(d / "concept.json", {**info, "digest": digest})
 
-    def save_stats(self, r: int, name: str, stage: int, stats: Stats) -> None:
-        save_stats(stats, self.round_dir(r) / name / f"stats-{stage}.safetensors")
+    def save_stats(self, r: int, name: str, stage: int, stats: Stats) -> Path:
+        return save_stats(stats, self.round_dir(r) / name / f"stats-{stage}.safetensors")
 
     def known(self, r: int) -> dict[str, str]:
         """name -> adapter digest, for concepts of round r whose adapter and stage-1 statistics are on disk."""
@@ -124,9 +126,11 @@ class ServerState:
                 out[d.name] = info["digest"]
         return out
 
-    def load(self, folder: Path) -> tuple[Adapter, dict[int, Stats]]:
+    def load(self, folder: Path) -> tuple[Adapter, dict[int, dict[str, StoredGram]]]:
+        """The adapter, and each stage's statistics as references (read site by site when the fusion adds them:
+        memory does not grow with the concepts held)."""
         adapter = adapter_io.load(folder / adapter_io.FILENAME)
-        stats = {s: st for s in STAGES if (st := load_stats(folder / f"stats-{s}.safetensors")) is not None}
+        stats = {s: st for s in STAGES if (st := load_stats(folder / f"stats-{s}.safetensors", lazy=True)) is not None}
         return adapter, stats
 
     def load_round_concept(self, r: int, name: str) -> tuple[Adapter, dict[int, Stats]]:

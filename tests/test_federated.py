@@ -54,7 +54,7 @@ def test_server_state_resumes_a_round_and_keeps_finished_concepts(tmp_path, tiny
     assert again.open_round() == (1, True)
     adapter, saved = again.load_round_concept(1, "alice")
     assert adapter_digest(adapter) == adapter_digest(alice)
-    assert torch.equal(saved[1]["text_encoder.encoder.layers.0.self_attn.qkv"].gram, stats[
+    assert torch.equal(saved[1]["text_encoder.encoder.layers.0.self_attn.qkv"].load().gram, stats[
         "text_encoder.encoder.layers.0.self_attn.qkv"].gram) and saved[1][
         "text_encoder.encoder.layers.0.self_attn.qkv"].rows == 7
     again.complete_round(1, ["alice"], {"dropped": {"bob": "rejected: NaN"}})

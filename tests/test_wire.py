@@ -70,7 +70,7 @@ def test_float64_grams_travel_exactly():
     g = gram(32, 100)
     enc, rank, t = gram_codec.encode_gram(g, "float64")
     assert enc == pb.PACKED_UPPER and t.numel() == gram_codec.packed_len(32)
-    assert torch.equal(gram_codec.decode_gram(enc, rank, t, 32, 100, "x"), g.gram)
+    assert torch.equal(gram_codec.decode_gram(enc, rank, t, 32, 100, "x").gram, g.gram)
 
 
 @pytest.mark.parametrize("rows", [5, 31, 200])
@@ -82,7 +82,7 @@ def test_triangular_factor_is_never_larger_than_packed_and_stays_psd(rows):
     assert t.numel() == gram_codec.trapezoid_len(rank, d) <= gram_codec.packed_len(d)
     if rows < d:
         assert t.numel() < gram_codec.packed_len(d) * 2 * rows / d  # few rows: much smaller than the triangle
-    G = gram_codec.decode_gram(enc, rank, t.float(), d, rows, "x")
+    G = gram_codec.decode_gram(enc, rank, t.float(), d, rows, "x").gram
     assert float(torch.linalg.eigvalsh(G).min()) >= -1e-12 * float(G.diagonal().max())
     assert float((G - g.gram).abs().max() / g.gram.abs().max()) < 1e-6
     assert gram_codec.gram_wire_bytes(d, rows, "float32") == t.numel() * 4
@@ -90,8 +90,12 @@ def test_triangular_factor_is_never_larger_than_packed_and_stays_psd(rows):
 
 @pytest.mark.parametrize("k,d,block", [(600, 600, 256), (130, 600, 256), (7, 50, 16), (50, 50, 16)])
 def test_factor_gram_by_blocks_equals_the_full_product(k, d, block):
+    from mos.shared.fusion.gram import add_factor_gram, symmetric_from_upper
+
     R = torch.triu(torch.randn(k, d, generator=torch.Generator().manual_seed(k + d), dtype=torch.float64))
-    G = gram_codec._factor_gram(R, block)
+    U = torch.zeros(d, d, dtype=torch.float64)
+    add_factor_gram(U, R, block=block)
+    G = symmetric_from_upper(U)
     assert torch.equal(G, G.T)
     assert float((G - R.T @ R).abs().max()) <= 1e-12 * float((R.T @ R).abs().max())
 
@@ -191,17 +195,24 @@ def test_bad_gram_upload_is_refused_naming_client_and_site(tiny_base, manifest, 
 
 
 def test_gram_that_is_not_xtx_is_refused(tiny_base, manifest):
+    """A dense (packed) Gram is decoded as sent and refused by the fusion's one check, before it counts."""
+    from mos.shared.fusion.driver import Fusion, FusionError
+
+    fusion = Fusion(tiny_base.fingerprint, list(manifest.sites))
     stats = stats_for(manifest, 2)
     site = sorted(stats)[0]
     stats[site].gram[0, 0] = -stats[site].gram.abs().max()  # negative diagonal
     rd = wire.encode_stats(RecordDict(), 2, "alice", tiny_base.fingerprint, stats, dtype="float64")
-    with pytest.raises(WireError, match="negative diagonal"):
-        wire.decode_stats(rd, manifest, 2, "alice", "node 1")
+    _, got = wire.decode_stats(rd, manifest, 2, "alice", "node 1")
+    with pytest.raises(FusionError, match="negative diagonal"):
+        fusion.check_stats("alice", got)
     stats = stats_for(manifest, 2)
     stats[site].gram[0, 1] = stats[site].gram[1, 0] = 10 * stats[site].gram.diagonal().max()
     rd = wire.encode_stats(RecordDict(), 2, "alice", tiny_base.fingerprint, stats, dtype="float64")
-    with pytest.raises(WireError, match="not XᵀX"):
-        wire.decode_stats(rd, manifest, 2, "alice", "node 1")
+    _, got = wire.decode_stats(rd, manifest, 2, "alice", "node 1")
+    with pytest.raises(FusionError, match="not XᵀX"):
+        fusion.check_stats("alice", got)
+    fusion.close()
 
 
 def test_stats_must_cover_exactly_the_stage_sites(tiny_base, manifest):

@@ -1,6 +1,8 @@
 """How a Gram matrix travels: packed upper triangle in float64 (exact), or an upper-triangular factor R with
 RᵀR = G (k × d, k = rank ≤ rows: never larger than the packed triangle, smaller where the Gram has few rows, and
-still positive semidefinite after rounding to float32). Decoding ends in the one Gram check (fusion/gram.py).
+still positive semidefinite after rounding to float32). A factor is decoded to the factor (stats.FactorGram), never
+to the dense Gram: the server sums RᵀR straight from it. A packed Gram is decoded dense and left to the fusion's one
+check (Fusion.check_stats: check_gram and check_psd).
 """
 
 from __future__ import annotations
@@ -8,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from mos.protos import mos_pb2 as pb
-from mos.shared.fusion.gram import check_gram, pack_sym, packed_len, unpack_sym
-from mos.shared.fusion.stats import Gram
+from mos.shared.fusion.gram import pack_sym, packed_len, unpack_sym
+from mos.shared.fusion.stats import FactorGram, Gram
 
 GRAM_DTYPE = "float32"   # halves the upload against float64; see docs/protocol.md for what it costs
 
@@ -38,22 +40,6 @@ def triangular_factor(G: torch.Tensor) -> torch.Tensor:
     return R
 
 
-def _factor_gram(R: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """RᵀR for an upper-trapezoidal R [k, d], by column blocks: rows at or past a block's end are zero in its
-    columns, so each block multiplies only the rows above. Half the work of R.T @ R (it was the server's largest
-    per-Gram cost at SD1.5 sizes: 58 ms -> 28 ms at d = 1280 on one thread), and exactly symmetric."""
-    k, d = R.shape
-    G = torch.empty(d, d, dtype=R.dtype)
-    for j in range(0, d, block):
-        end = min(j + block, d)
-        rows = min(end, k)
-        G[j:end, j:] = R[:rows, j:end].T @ R[:rows, j:]
-        G[end:, j:end] = G[j:end, end:].T
-        D = G[j:end, j:end]  # the diagonal block: its upper triangle mirrored, so G is exactly symmetric
-        D.copy_(torch.triu(D) + torch.triu(D, 1).T)
-    return G
-
-
 def trapezoid_len(k: int, d: int) -> int:
     return k * d - k * (k - 1) // 2
 
@@ -77,27 +63,23 @@ def gram_wire_bytes(d: int, rows: int, dtype: str = GRAM_DTYPE) -> int:
     return n * {"float32": 4, "float64": 8}[dtype]
 
 
-def decode_gram(encoding: int, rank: int, t: torch.Tensor, dim: int, rows: int, where: str) -> torch.Tensor:
-    """Dense float64 Gram from its wire form, checked: right size, finite, symmetric and plausibly PSD."""
+def decode_gram(encoding: int, rank: int, t: torch.Tensor, dim: int, rows: int, where: str) -> Gram | FactorGram:
+    """A Gram from its wire form, its layout checked (length, rank). The factor stays a factor (float32 as sent:
+    finite, as the wire's tensor check ensures); a packed Gram comes back dense float64, to be checked once by
+    the fusion (Fusion.check_stats) before it counts."""
     if t.ndim != 1:
         raise GramError(f"{where}: Gram tensor must be 1-D, got shape {tuple(t.shape)}")
     if encoding == pb.PACKED_UPPER:
         if t.shape[0] != packed_len(dim):
             raise GramError(f"{where}: packed Gram has {t.shape[0]} values, site dimension {dim} needs "
                             f"{packed_len(dim)}")
-        G = unpack_sym(t, dim)
-    elif encoding == pb.TRIANGULAR_FACTOR:
+        return Gram(unpack_sym(t.to(torch.float64), dim), rows)
+    if encoding == pb.TRIANGULAR_FACTOR:
         if not 0 <= rank <= min(rows, dim) or t.shape[0] != trapezoid_len(rank, dim):
             raise GramError(f"{where}: triangular factor of rank {rank} has {t.shape[0]} values; site dimension "
                             f"{dim} needs {trapezoid_len(rank, dim)} with rank <= min(rows={rows}, {dim})")
-        R = torch.zeros(rank, dim, dtype=torch.float64)
+        R = torch.zeros(rank, dim, dtype=t.dtype)
         iu = torch.triu_indices(rank, dim)
-        R[iu[0], iu[1]] = t.to(torch.float64)
-        G = _factor_gram(R)
-    else:
-        raise GramError(f"{where}: unknown Gram encoding {encoding}")
-    try:
-        check_gram(G, where)
-    except ValueError as e:
-        raise GramError(str(e)) from None
-    return G
+        R[iu[0], iu[1]] = t
+        return FactorGram(R, rows)
+    raise GramError(f"{where}: unknown Gram encoding {encoding}")

@@ -29,7 +29,7 @@ from mos.shared.federation.gram_codec import GRAM_DTYPE, GramError, decode_gram,
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.gram import packed_len
-from mos.shared.fusion.stats import Gram, Stats
+from mos.shared.fusion.stats import Stats
 from mos.shared.sd.base import check_same_base
 from mos.shared.sd.concepts import N_TOKENS, Concept, check_class_word, check_name, check_trigger
 from mos.shared.sd.lora import Lora
@@ -370,7 +370,8 @@ def encode_stats(rd: RecordDict, stage: int, concept: str, fingerprint: str, sta
 
 def decode_stats(rd: RecordDict, base: BaseManifest, stage: int, concept: str, client: str,
                  one_shot: bool = False) -> tuple[pb.StagePayload, Stats]:
-    """Every site of the stage exactly once, each Gram checked; nothing partial comes back."""
+    """Every site of the stage exactly once, each Gram's layout checked (its content: Fusion.check_stats);
+    nothing partial comes back."""
     m = _proto(rd, "stats", pb.StagePayload, client)
     where = f"{client} (concept {concept!r}, stage {stage})"
     if m.stage != stage or m.concept != concept:
@@ -392,10 +393,9 @@ def decode_stats(rd: RecordDict, base: BaseManifest, stage: int, concept: str, c
         if not 1 <= s.rows <= MAX_ROWS:
             raise WireError(f"{w}: row count {s.rows} out of range 1..{MAX_ROWS}")
         try:
-            G = decode_gram(s.encoding, s.rank, _get(tensors, s.tensor, w), site.dim, s.rows, w)
+            stats[s.site] = decode_gram(s.encoding, s.rank, _get(tensors, s.tensor, w), site.dim, int(s.rows), w)
         except GramError as e:
             raise WireError(str(e)) from None
-        stats[s.site] = Gram(G, int(s.rows))
     return m, stats
 
 

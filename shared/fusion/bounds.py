@@ -84,11 +84,12 @@ class Bounds:
             raise BoundsError(f"{what}, layer {layer}: LoRA change ‖BA‖ = {norm:.3g} is {norm / w:.3g}× the base "
                               f"weight's norm {w:.3g}; at most {self.max_delta * factor:g}× is accepted")
 
-    def check_power(self, what: str, site: str, gram: torch.Tensor, rows: int) -> None:
+    def check_power(self, what: str, site: str, trace: float, rows: int) -> None:
+        """trace(G)/rows against the base's (the caller gives tr G: a factored Gram's is ‖R‖², never G itself)."""
         ref = self.row_power.get(site)
         if ref is None or ref <= 0:
             return  # a site the base gives no signal on: nothing to compare with
-        per_row = float(gram.diagonal().sum()) / rows
+        per_row = trace / rows
         lo, hi = self.power_range
         if not lo * ref <= per_row <= hi * ref:
             raise BoundsError(f"{what}, site {site}: trace(G)/rows = {per_row:.3g} is {per_row / ref:.3g}× what the "

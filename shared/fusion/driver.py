@@ -7,7 +7,10 @@ never needs the base weights, only the input-site manifest (names and dimensions
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -17,7 +20,9 @@ from mos.shared.fusion import solver
 from mos.shared.fusion.bounds import Bounds, BoundsError
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.gram import check_gram, check_psd
-from mos.shared.fusion.stats import Stats
+from mos.shared.fusion.spill import SpilledTerms
+from mos.shared.fusion.stats import FactorGram, Stats, gram_trace
+from mos.shared.fusion.stats_file import StoredGram, held, load_stats, save_stats
 from mos.shared.sd.base import check_same_base
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.lora import Lora
@@ -44,18 +49,36 @@ class StageRunner(Protocol):
     def deliver(self, fused: Adapter) -> None: ...
 
 
+# Per-concept residuals in fusion.json cost O(N) each (the fused rank grows with N), so O(N²) in all: above this
+# many concepts only each site's total residual is reported (from the sums and terms alone). Measured at SD1.5 sizes
+# (bench/fusion_scale.py --real): the per-concept report costs about as much as the intake itself at N = 100.
+RESIDUALS_UPTO = 16
+
+
 class Fusion:
-    """Running sums per input site over the concepts added so far; solve per stage."""
+    """Running sums per input site over the concepts added so far; solve per stage.
+
+    Memory does not grow with the concepts: each concept's Grams stay in files (the server's own statistics files,
+    or files this fusion writes under `spill`) and come back only to take a concept out or for the report, and
+    the per-concept terms of each site are spilled (spill.SpilledTerms). `spill` belongs to the fusion and is
+    emptied when it starts; without one a temporary folder is used and removed with the fusion (`close`).
+    """
 
     def __init__(self, fingerprint: str, sites: list[Site], config: FusionConfig = FusionConfig(),
-                 bounds: Bounds | None = None):
+                 bounds: Bounds | None = None, spill: str | Path | None = None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="mos-fusion-") if spill is None else None
+        self.spill = Path(self._tmp.name if self._tmp else spill)
+        if self._tmp is None:
+            shutil.rmtree(self.spill, ignore_errors=True)  # a previous (killed) run's files: nothing refers to them
+        self.spill.mkdir(parents=True, exist_ok=True)
+        self._files = 0
         self.config = config
         self.bounds = bounds  # None: no limits from the base (the caller trusts every concept)
         self.fingerprint = fingerprint
         self.sites = {s.name: s for s in sites}
         self.site_of = {layer: s for s in sites for layer in s.layers}
         self.adapters: dict[str, Adapter] = {}
-        self.stats: dict[str, Stats] = {}
+        self.stats: dict[str, dict[str, StoredGram]] = {}  # concept -> site -> where its Gram is
         self.sums: dict[str, solver.SiteSums] = {}
         self.solved: dict[int, dict[str, solver.SiteSolution]] = {}
         self.dropped: dict[str, str] = {}
@@ -98,55 +121,94 @@ class Fusion:
 
     def remove(self, name: str, reason: str = "removed") -> None:
         """Take a concept out of every sum it entered; the next solve is as if it never came."""
-        for site, gram in self.stats.pop(name, {}).items():
+        for site, ref in self.stats.pop(name, {}).items():
             if site in self.sums and name in self.sums[site].concepts:
-                self.sums[site].remove(name, gram.gram, gram.rows)
+                self._take_out(name, site, ref)
         self.adapters.pop(name, None)
         self.dropped[name] = reason
 
-    def add_stats(self, name: str, stats: Stats) -> None:
-        """Validate all of a concept's statistics first, then add them: a bad upload changes nothing."""
+    def _take_out(self, name: str, site: str, ref: StoredGram) -> None:
+        g = ref.load()  # read back once, to subtract exactly what was added
+        if isinstance(g, FactorGram):
+            self.sums[site].remove(name, g.factor, g.rows, factor=True)
+        else:
+            self.sums[site].remove(name, g.gram, g.rows)
+
+    def _sums(self, site: str) -> solver.SiteSums:
+        if site not in self.sums:
+            store = SpilledTerms(self.spill / "terms" / f"{len(self.sums):04d}")  # site names are not file names
+            self.sums[site] = solver.SiteSums(site, self.sites[site].dim, store)
+        return self.sums[site]
+
+    def _kept(self, stats: Stats | dict[str, StoredGram]) -> dict[str, StoredGram]:
+        """Where each of these Grams stays while the concept is in the sums: its own file when it has one (the
+        server's state), else a file of the fusion's spill folder, written once."""
+        if all(isinstance(g, StoredGram) for g in stats.values()):
+            return dict(stats)
+        path = self.spill / "grams" / f"{self._files:06d}.safetensors"
+        self._files += 1
+        save_stats(stats, path)
+        return load_stats(path, lazy=True)
+
+    def add_stats(self, name: str, stats: Stats | dict[str, StoredGram]) -> None:
+        """Validate all of a concept's statistics first, then add them: a bad upload changes nothing. Values may
+        be references to files (stats_file.StoredGram): each is read when it is added, one site at a time."""
         if name not in self.adapters:
             raise FusionError(f"statistics for unknown concept {name!r}")
         self.check_stats(name, stats)
+        kept = self._kept(stats)
         lora = self.adapters[name].lora
         for site_name, g in stats.items():
+            g = held(g)
             loras = {l: lora[l] for l in self.sites[site_name].layers if l in lora}
-            self.sums.setdefault(site_name, solver.SiteSums(site_name, self.sites[site_name].dim)).add(
-                name, g.gram, g.rows, loras)
-            self.stats[name][site_name] = g
+            if isinstance(g, FactorGram):
+                self._sums(site_name).add(name, g.factor, g.rows, loras, factor=True)
+            else:  # checked once, in check_stats (or by whoever marked its file checked)
+                self._sums(site_name).add(name, g.gram, g.rows, loras, checked=True)
+            self.stats[name][site_name] = kept[site_name]
 
-    def check_stats(self, name: str, stats: Stats) -> None:
-        """Everything `add_stats` requires, changing nothing: the Gram check, XᵀX's semidefiniteness, and the
-        base's bound on trace(G)/rows."""
-        held = self.stats.get(name, {})
+    def check_stats(self, name: str, stats: Stats | dict[str, StoredGram]) -> None:
+        """Everything `add_stats` requires, changing nothing, once per Gram: the Gram check and XᵀX's
+        semidefiniteness for a dense Gram, and the base's bound on trace(G)/rows. A factored Gram (the wire's
+        default) skips the first two: RᵀR is symmetric and positive semidefinite by construction, and the wire
+        checked R finite. A file reference marked checked was checked before it was written."""
+        added = self.stats.get(name, {})
         for site_name, g in stats.items():
             site = self.sites.get(site_name)
             what = f"concept {name!r}, site {site_name}"
             if site is None:
                 raise FusionError(f"concept {name!r}: statistics for unknown site {site_name}")
-            if site_name in held:
+            if site_name in added:
                 raise FusionError(f"concept {name!r}: statistics for {site_name} sent twice")
             if g.rows <= 0:
                 raise FusionError(f"{what}: zero rows")
-            try:
-                check_gram(g.gram, what, site.dim)
-            except ValueError as e:
-                raise FusionError(str(e)) from None
-            try:
-                check_psd(g.gram, f"Gram for {what}")
-            except ValueError as e:
-                raise FusionError(str(e)) from None
+            if isinstance(g, StoredGram) and g.checked:
+                continue
+            g = held(g)
+            if isinstance(g, FactorGram):
+                R = g.factor
+                if R.ndim != 2 or R.shape[1] != site.dim or R.shape[0] > site.dim:
+                    raise FusionError(f"{what}: factor of shape {tuple(R.shape)} does not fit {site.dim}")
+            else:
+                try:
+                    check_gram(g.gram, what, site.dim)
+                    check_psd(g.gram, f"Gram for {what}")
+                except ValueError as e:
+                    raise FusionError(str(e)) from None
             if self.bounds is not None:
-                _bounded(self.bounds.check_power, f"concept {name!r}", site_name, g.gram, g.rows)
+                _bounded(self.bounds.check_power, f"concept {name!r}", site_name, gram_trace(g), g.rows)
 
     def forget_stage(self, stage: int) -> None:
         """Take every concept's statistics of one stage's sites out of the sums (they were computed with fused
         layers that held a concept since dropped: they are recomputed without it)."""
         for name, stats in self.stats.items():
             for site_name in [s for s in stats if self.sites[s].stage == stage]:
-                g = stats.pop(site_name)
-                self.sums[site_name].remove(name, g.gram, g.rows)
+                self._take_out(name, site_name, stats.pop(site_name))
+
+    def close(self) -> None:
+        """Remove the temporary spill folder (a folder given by the caller stays: the caller owns it)."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def check_result(self, lora: Lora) -> None:
         """Before anything is sent: every fused layer finite and, with bounds, within what the concepts in it
@@ -189,14 +251,24 @@ class Fusion:
     def result(self, lora: Lora) -> Adapter:
         return Adapter(self.fingerprint, self.concepts, lora, {"fusion": self.report()})
 
-    def report(self) -> dict:
+    def residuals(self) -> dict[str, dict[str, float]]:
+        """Each concept's relative error per solved site, each Gram read back once (as a factor where it came as
+        one); {} above RESIDUALS_UPTO concepts (module constant: the cost is O(N) per concept)."""
+        if len(self.stats) > RESIDUALS_UPTO:
+            return {}
+        solved = {site: sol for stage in self.solved.values() for site, sol in stage.items()}
         residuals: dict[str, dict[str, float]] = {}
-        for stage in self.solved.values():
-            for site, sol in stage.items():
-                for name, stats in self.stats.items():
-                    if site in stats:
-                        r = solver.site_residual(sol, self.adapters[name].lora, stats[site].gram)
-                        residuals.setdefault(name, {})[site] = r
+        for name, stats in self.stats.items():
+            for site, ref in stats.items():
+                if site in solved:
+                    g = ref.load()
+                    G, factor = (g.factor, True) if isinstance(g, FactorGram) else (g.gram, False)
+                    r = solver.site_residual(solved[site], self.adapters[name].lora, G, factor)
+                    residuals.setdefault(name, {})[site] = r
+        return residuals
+
+    def report(self) -> dict:
+        residuals = self.residuals()
         return {
             "method": self.config.method, "mode": "one-shot" if self.config.one_shot else "staged",
             "eps": self.config.eps, "lambda_rule": "gcv" if self.config.eps is None else "fixed eps",
@@ -207,6 +279,8 @@ class Fusion:
             "eps_per_site": {site: sol.eps for st in self.solved.values() for site, sol in st.items()},
             "solve_path": {site: sol.path for st in self.solved.values() for site, sol in st.items()},
             "residuals": residuals,
+            "residuals_skipped": (f"{len(self.stats)} concepts > {RESIDUALS_UPTO}: per-concept residuals cost "
+                                  "O(N) each" if len(self.stats) > RESIDUALS_UPTO else ""),
         }
 
 

@@ -60,7 +60,10 @@ def fuse(adapters: list[Adapter], base: str | Base = "tiny", config: FusionConfi
     fusion = Fusion(loaded.fingerprint, input_sites(loaded.text_encoder, loaded.unet, config.placement), config)
     for a in adapters:  # fail before any work on a base mismatch
         fusion.check_base(a)
-    result = run_fusion(LocalRunner(loaded, adapters, progress), fusion)
+    try:
+        result = run_fusion(LocalRunner(loaded, adapters, progress), fusion)
+    finally:
+        fusion.close()  # its temporary folder of per-concept Grams and terms
     scales = {a.concepts[0].name: float(a.meta.get("lora_scale", 1.0)) for a in adapters}
     result.meta.setdefault("fusion", {})["lora_scales"] = scales  # adapter_io.scaled's, 1 for an unscaled one
     return result

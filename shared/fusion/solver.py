@@ -108,14 +108,16 @@ SiteSolution(loras, path, lam, dense, eps)    solve output: layer -> (B*, A*), "
 SiteSums(name, dim, store=None)               running sums of one site (.gram_sum, .rows, .concepts, .layers,
                                               .terms()); per-concept terms in a TermStore (MemoryTerms by
                                               default; spill.SpilledTerms keeps them in files)
-  .add(concept, gram, rows, loras)            loras: layer -> (B, A); gram dense d x d or packed
-  .remove(concept, gram, rows)                gram/rows as given to add
+  .add(concept, gram, rows, loras, factor=False, checked=False)
+                                              loras: layer -> (B, A); gram dense d x d or packed, or (factor=True)
+                                              R [k, d] with G = R^T R, summed without forming G
+  .remove(concept, gram, rows, factor=False)  gram/rows as given to add
   .solve(eps=DEFAULT_EPS) -> SiteSolution      eps=None: GCV over .rows
 solve_site(gram_sum, terms, eps, rows) -> SiteSolution  terms: layer -> [LayerTerm]; rows: n, for GCV
 weight_fusion(loras, mode="sum"|"average") -> (B, A)
 residual_parts(B_star, A_star, B_i, A_i, G_i) -> (num, den)
 residual(B_star, A_star, B_i, A_i, G_i) -> float         num / den (nan if den == 0)
-site_residual(fused, loras_i, G_i) -> float              sum_layers num / sum_layers den
+site_residual(fused, loras_i, G_i, factor=False) -> float  sum_layers num / sum_layers den (G_i or its factor)
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from mos.shared.fusion.gram import check_gram, unpack_sym
+from mos.shared.fusion.gram import add_factor_gram, check_gram, symmetric_from_upper, unpack_sym
 
 __all__ = [
     "DEFAULT_EPS",
@@ -196,13 +198,21 @@ def _take_in(A: Tensor, G: Tensor, gram_sum: Tensor) -> Tensor:
     return out
 
 
-def _dense_gram(gram: Tensor, dim: int, name: str) -> Tensor:
+def _take_in_factor(A: Tensor, R: Tensor, upper: Tensor, alpha: float = 1.0) -> Tensor:
+    """upper += alpha RᵀR (upper triangle only) and return A RᵀR = (A Rᵀ) R (float64), never forming RᵀR."""
+    R = R.to(F64)
+    add_factor_gram(upper, R, alpha)
+    return (A @ R.T) @ R
+
+
+def _dense_gram(gram: Tensor, dim: int, name: str, checked: bool = False) -> Tensor:
     if gram.ndim == 1:
         try:
             gram = unpack_sym(gram, dim)
         except ValueError as exc:
             raise ValueError(f"Gram for {name}: {exc}") from None
-    check_gram(gram, name, dim)
+    if not checked:
+        check_gram(gram, name, dim)
     return gram  # kept in its own dtype: add/remove promote it in place or blockwise, never whole
 
 
@@ -375,7 +385,9 @@ class SiteSums:
     def __init__(self, name: str, dim: int, store: TermStore | None = None) -> None:
         self.name = name
         self.dim = dim
-        self.gram_sum = torch.zeros(dim, dim, dtype=F64)
+        # SG, upper triangle and diagonal only: a factored Gram adds RᵀR there alone (a third of the work); the
+        # lower triangle is not kept up to date and `gram_sum` mirrors the upper one when asked.
+        self._upper = torch.zeros(dim, dim, dtype=F64)
         self.rows = 0
         self._seen: dict[str, tuple[int, float]] = {}  # concept -> (rows, tr G_i) to vet removals
         self._store: TermStore = store if store is not None else MemoryTerms()
@@ -387,6 +399,11 @@ class SiteSums:
         return list(self._seen)
 
     @property
+    def gram_sum(self) -> Tensor:
+        """SG (a new symmetric d x d tensor)."""
+        return symmetric_from_upper(self._upper)
+
+    @property
     def layers(self) -> list[str]:
         return [name for name, by_concept in self._layers.items() if by_concept]
 
@@ -395,36 +412,45 @@ class SiteSums:
         return self._store.load()
 
     def add(
-        self, concept: str, gram: Tensor, rows: int, loras: Mapping[str, tuple[Tensor, Tensor]]
+        self, concept: str, gram: Tensor, rows: int, loras: Mapping[str, tuple[Tensor, Tensor]], *,
+        factor: bool = False, checked: bool = False,
     ) -> None:
-        """Add a concept: its Gram (dense or packed), input row count, and layer -> (B, A)."""
+        """Add a concept: its Gram (dense or packed; with factor=True the upper-trapezoidal R [k, d] of G = RᵀR),
+        input row count, and layer -> (B, A). checked=True: the caller ran check_gram on a dense Gram already (a
+        factor needs no check: RᵀR is a Gram by construction)."""
         where = f"site {self.name!r}, concept {concept!r}"
         if concept in self._seen:
             raise ValueError(f"{where}: already added")
         if rows < 0:
             raise ValueError(f"{where}: negative row count {rows}")
-        G = _dense_gram(gram, self.dim, where)
+        if factor:
+            if gram.ndim != 2 or gram.shape[1] != self.dim or gram.shape[0] > self.dim:
+                raise ValueError(f"{where}: factor of shape {tuple(gram.shape)} does not fit d_in={self.dim}")
+            G = gram
+        else:
+            G = _dense_gram(gram, self.dim, where, checked)
         # Validate everything before touching state, so a bad add leaves the sums intact.
         for layer, (B, A) in loras.items():
             self._check_lora(where, layer, B, A)
         A_all = torch.cat([A.to(F64) for _, A in loras.values()]) if loras else torch.zeros(0, self.dim, dtype=F64)
         # One pass over G for all layers of the site: the sum and every A_i G_i.
-        new_terms = self._terms_for(loras, _take_in(A_all, G, self.gram_sum))
+        AG = _take_in_factor(A_all, G, self._upper) if factor else _take_in(A_all, G, self._upper)
+        new_terms = self._terms_for(loras, AG)
         self.rows += rows
-        self._seen[concept] = (rows, float(G.diagonal().sum(dtype=F64)))
+        self._seen[concept] = (rows, _trace(G, factor))
         self._store.put(concept, new_terms)
         for layer, term in new_terms.items():
             self._layers.setdefault(layer, {})[concept] = None
             self._out_dim[layer] = term.B.shape[0]
 
-    def remove(self, concept: str, gram: Tensor, rows: int) -> None:
-        """Undo add(concept, ...). The caller passes the same Gram and row count again."""
+    def remove(self, concept: str, gram: Tensor, rows: int, *, factor: bool = False) -> None:
+        """Undo add(concept, ...). The caller passes the same Gram (or factor) and row count again."""
         where = f"site {self.name!r}, concept {concept!r}"
         if concept not in self._seen:
             raise ValueError(f"{where}: not present")
-        G = _dense_gram(gram, self.dim, where)
+        G = gram if factor else _dense_gram(gram, self.dim, where, checked=True)  # it was checked when added
         seen_rows, seen_trace = self._seen[concept]
-        trace = float(G.diagonal().sum(dtype=F64))
+        trace = _trace(G, factor)
         if rows != seen_rows or abs(trace - seen_trace) > 1e-6 * max(abs(seen_trace), 1e-300):
             raise ValueError(f"{where}: Gram/rows differ from those added (tr {trace:.6g} vs {seen_trace:.6g})")
 
@@ -432,13 +458,16 @@ class SiteSums:
         self._store.drop(concept)
         for by_concept in self._layers.values():
             by_concept.pop(concept, None)
-        if self._seen:
-            self.gram_sum -= G
+        if not self._seen:
+            # Nothing left: reset exactly instead of carrying rounding residue forward.
+            self._upper.zero_()
+            self.rows = 0
+        elif factor:
+            add_factor_gram(self._upper, G.to(F64), -1.0)
             self.rows -= rows
         else:
-            # Nothing left: reset exactly instead of carrying rounding residue forward.
-            self.gram_sum.zero_()
-            self.rows = 0
+            self._upper -= G
+            self.rows -= rows
 
     def solve(self, eps: float | None = DEFAULT_EPS) -> SiteSolution:
         """eps=None: lam by GCV (module docstring)."""
@@ -470,6 +499,11 @@ class SiteSums:
         return terms
 
 
+def _trace(G: Tensor, factor: bool) -> float:
+    """tr(G) of a dense Gram, or of RᵀR given R (= ‖R‖²)."""
+    return float(G.to(F64).square().sum()) if factor else float(G.diagonal().sum(dtype=F64))
+
+
 # --------------------------------------------------------------------------- baseline
 
 
@@ -492,28 +526,34 @@ def weight_fusion(loras: Sequence[tuple[Tensor, Tensor]], mode: str = "sum") -> 
 # --------------------------------------------------------------------------- residuals
 
 
-def _quad_trace(U: Tensor, V: Tensor, G: Tensor) -> float:
-    """tr(U V G V^T U^T) without forming U V when the rank is small."""
+def _quad_trace(U: Tensor, V: Tensor, G: Tensor, factor: bool = False) -> float:
+    """tr(U V G V^T U^T) without forming U V when the rank is small; factor=True: G is given as R, G = R^T R."""
     k = U.shape[1]
     if k == 0:
         return 0.0
     if k < min(U.shape[0], V.shape[1]):
+        if factor:
+            VR = V @ G.T
+            return float(((U.T @ U) * (VR @ VR.T)).sum())
         return float(((U.T @ U) * (V @ G @ V.T)).sum())
     D = U @ V
+    if factor:
+        return float((D @ G.T).square().sum())
     return float(((D @ G) * D).sum())
 
 
 def residual_parts(
-    B_star: Tensor, A_star: Tensor, B_i: Tensor | None, A_i: Tensor | None, G_i: Tensor
+    B_star: Tensor, A_star: Tensor, B_i: Tensor | None, A_i: Tensor | None, G_i: Tensor, factor: bool = False
 ) -> tuple[float, float]:
-    """(tr((dW* - dW_i) G_i (dW* - dW_i)^T), tr(dW_i G_i dW_i^T)); B_i = A_i = None means dW_i = 0."""
+    """(tr((dW* - dW_i) G_i (dW* - dW_i)^T), tr(dW_i G_i dW_i^T)); B_i = A_i = None means dW_i = 0.
+    factor=True: G_i is given as its factor R (G_i = R^T R)."""
     G = G_i.to(F64)
     Bs, As = B_star.to(F64), A_star.to(F64)
     if B_i is None or A_i is None:
-        return max(_quad_trace(Bs, As, G), 0.0), 0.0
+        return max(_quad_trace(Bs, As, G, factor), 0.0), 0.0
     Bi, Ai = B_i.to(F64), A_i.to(F64)
-    num = _quad_trace(torch.cat([Bs, -Bi], dim=1), torch.cat([As, Ai], dim=0), G)
-    den = _quad_trace(Bi, Ai, G)
+    num = _quad_trace(torch.cat([Bs, -Bi], dim=1), torch.cat([As, Ai], dim=0), G, factor)
+    den = _quad_trace(Bi, Ai, G, factor)
     return max(num, 0.0), max(den, 0.0)  # tiny negatives are rounding
 
 
@@ -527,14 +567,16 @@ def site_residual(
     fused: SiteSolution | Mapping[str, tuple[Tensor, Tensor]],
     loras_i: Mapping[str, tuple[Tensor, Tensor]],
     G_i: Tensor,
+    factor: bool = False,
 ) -> float:
-    """Concept i's relative error over all fused layers of a site (layers it lacks count as dW_i = 0)."""
+    """Concept i's relative error over all fused layers of a site (layers it lacks count as dW_i = 0).
+    factor=True: G_i is given as its factor R (G_i = R^T R), which is never formed."""
     layers = fused.loras if isinstance(fused, SiteSolution) else fused
-    G = unpack_sym(G_i) if G_i.ndim == 1 else G_i
+    G = unpack_sym(G_i) if G_i.ndim == 1 and not factor else G_i
     num = den = 0.0
     for name, (Bs, As) in layers.items():
         Bi, Ai = loras_i.get(name, (None, None))
-        n, d = residual_parts(Bs, As, Bi, Ai, G)
+        n, d = residual_parts(Bs, As, Bi, Ai, G, factor)
         num += n
         den += d
     return num / den if den > 0 else float("nan")

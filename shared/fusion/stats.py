@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mos.shared.fusion.gram import factor_gram
 from mos.shared.sd.sites import Site
 
 
@@ -29,7 +30,36 @@ class Gram:
         return Gram(self.gram.cpu(), self.rows)
 
 
-Stats = dict[str, Gram]
+@dataclass
+class FactorGram:
+    """G = RᵀR held as R, upper-trapezoidal [k, d] (k = rank), as the wire carries it (float32 by default).
+
+    The server keeps and sums Grams in this form: RᵀR is symmetric and positive semidefinite by construction
+    (no Cholesky check needed), tr(G) = ‖R‖², and adding RᵀR to a running sum costs a third of forming G densely
+    and then adding it."""
+
+    factor: torch.Tensor
+    rows: int
+
+    @property
+    def dim(self) -> int:
+        return int(self.factor.shape[1])
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """Dense float64 G, formed on demand (tests, small tools; the server never needs it)."""
+        return factor_gram(self.factor.to(torch.float64))
+
+    def trace(self) -> float:
+        return float(self.factor.to(torch.float64).square().sum())
+
+
+# A site's statistics: dense (what a recorder accumulates) or factored (what the server receives).
+Stats = dict[str, "Gram | FactorGram"]
+
+
+def gram_trace(g: "Gram | FactorGram") -> float:
+    return g.trace() if isinstance(g, FactorGram) else float(g.gram.diagonal().sum(dtype=torch.float64))
 
 
 def rows(x: torch.Tensor, site: Site) -> torch.Tensor:

@@ -1,29 +1,78 @@
-"""Statistics on disk: float64 Grams as safetensors under `gram/<site>`, row counts in the header. No pickle."""
+"""Statistics on disk: dense Grams as float64 safetensors under `gram/<site>`, factored ones (stats.FactorGram) as
+their factor R under `factor/<site>` in the dtype it came in; row counts in the header. No pickle.
+
+`load_stats(path, lazy=True)` reads the header only and gives `StoredGram`s, each of which reads its one tensor when
+asked: the server and the fusion hold a concept's statistics as such references, so memory does not grow with the
+number of concepts (a Gram of an SD1.5 spatial site is 13 MiB dense, 3-7 MiB as a factor).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mos.shared.files import save_tensors
-from mos.shared.fusion.stats import Gram, Stats
+from mos.shared.fusion.stats import FactorGram, Gram, Stats
 
 
-def save_stats(stats: Stats, path: str | Path) -> Path:
-    """Write atomically: a reader (or a restarted server) never sees half a file."""
-    tensors = {f"gram/{site}": g.gram.to(torch.float64).contiguous() for site, g in stats.items()}
-    rows = {site: int(g.rows) for site, g in stats.items()}
-    return save_tensors(tensors, path, {"rows": json.dumps(rows, sort_keys=True)})
+@dataclass(frozen=True)
+class StoredGram:
+    """One site's Gram in a statistics file, read when `load` is called."""
+
+    path: Path
+    site: str
+    rows: int
+    factored: bool
+    # Fusion.check_stats accepted this content before it was written (the server checks an upload, then saves
+    # it): the fusion does not check it again. A file read back from an earlier run is checked (False).
+    checked: bool = False
+
+    def load(self) -> Gram | FactorGram:
+        with safe_open(str(self.path), framework="pt") as f:
+            if self.factored:
+                return FactorGram(f.get_tensor(f"factor/{self.site}"), self.rows)
+            return Gram(f.get_tensor(f"gram/{self.site}"), self.rows)
 
 
-def load_stats(path: str | Path) -> Stats | None:
-    """The statistics in `path`, or None when there is no such file."""
+def held(g: Gram | FactorGram | StoredGram) -> Gram | FactorGram:
+    """The Gram itself, read from its file if it is a reference."""
+    return g.load() if isinstance(g, StoredGram) else g
+
+
+def save_stats(stats: dict[str, Gram | FactorGram | StoredGram], path: str | Path) -> Path:
+    """Write atomically: a reader (or a restarted server) never sees half a file. References are read one at a time."""
+    tensors, rows, factored = {}, {}, []
+    for site, g in stats.items():
+        g = held(g)
+        if isinstance(g, FactorGram):
+            tensors[f"factor/{site}"] = g.factor.contiguous()
+            factored.append(site)
+        else:
+            tensors[f"gram/{site}"] = g.gram.to(torch.float64).contiguous()
+        rows[site] = int(g.rows)
+    return save_tensors(tensors, path, {"rows": json.dumps(rows, sort_keys=True),
+                                        "factored": json.dumps(sorted(factored))})
+
+
+def checked_refs(stats: dict[str, Gram | FactorGram | StoredGram], path: Path) -> dict[str, StoredGram]:
+    """References to what `save_stats(stats, path)` wrote, marked as checked (the caller checked `stats`)."""
+    return {site: StoredGram(Path(path), site, int(g.rows), isinstance(g, FactorGram) or
+                             (isinstance(g, StoredGram) and g.factored), True) for site, g in stats.items()}
+
+
+def load_stats(path: str | Path, lazy: bool = False) -> Stats | dict[str, StoredGram] | None:
+    """The statistics in `path` (lazy: references that read each Gram when asked), or None when there is no such
+    file."""
     path = Path(path)
     if not path.is_file():
         return None
-    with safe_open(path, framework="pt") as f:
-        rows = json.loads((f.metadata() or {}).get("rows", "{}"))
-        return {site: Gram(f.get_tensor(f"gram/{site}"), int(n)) for site, n in rows.items()}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        rows = json.loads(meta.get("rows", "{}"))
+        factored = set(json.loads(meta.get("factored", "[]")))
+    refs = {site: StoredGram(path, site, int(n), site in factored) for site, n in rows.items()}
+    return refs if lazy else {site: r.load() for site, r in refs.items()}
