@@ -50,8 +50,9 @@ class StageRunner(Protocol):
 
 
 # Per-concept residuals in fusion.json cost O(N) each (the fused rank grows with N), so O(N²) in all: above this
-# many concepts only each site's total residual is reported (from the sums and terms alone). Measured at SD1.5 sizes
-# (bench/fusion_scale.py --real): the per-concept report costs about as much as the intake itself at N = 100.
+# many concepts they are left out (fusion.json says so in residuals_skipped). Estimated, not yet measured: at SD1.5
+# sizes with full-rank Grams, ~4N·Σ_sites(layers·d²) multiply-adds per concept, i.e. ~50 G per concept at N = 100,
+# more than the intake; at N = 3 the report took 2.4 s wall (bench/fusion_scale.py --real --ns 3).
 RESIDUALS_UPTO = 16
 
 
