@@ -182,6 +182,8 @@ class FlowerRunner:
             self.from_state[name] = stats
             out[name] = (adapter, self._stage_stats(stats, 1, config.one_shot))
             self.say(f"train.tune    {name:<12} from the server's state (round before; no client needed)")
+        # said once every upload is in the state dir: from here a restarted server resumes without them
+        self.say(f"train.tune    accepted: {', '.join(sorted(out)) or 'none'} (adapters and stage-1 statistics saved)")
         return dict(sorted(out.items()))
 
     @staticmethod

@@ -242,6 +242,7 @@ def test_tls_auth_restart_and_dropout(tmp_path, parties):
                      saved_adapter(tmp_path, "tiny", "mallory", 6))
 
     server.wait_for("train.tune    done: 3/3", 600)
+    server.wait_for("train.tune    accepted:", 120)  # every upload written to --state-dir (said after "done")
     server.kill()  # after stage 1: what it received is in --state-dir
     restarted = start(parties, "server-2", server_args, tmp_path)
     restarted.wait_for("train.tune    done", 600)
