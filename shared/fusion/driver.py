@@ -21,7 +21,7 @@ from mos.shared.fusion.bounds import Bounds, BoundsError
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.gram import check_gram, check_psd
 from mos.shared.fusion.spill import SpilledTerms
-from mos.shared.fusion.stats import FactorGram, Stats, gram_trace
+from mos.shared.fusion.stats import FactorGram, Stats, as_summed, gram_trace
 from mos.shared.fusion.stats_file import StoredGram, held, load_stats, save_stats
 from mos.shared.sd.base import check_same_base
 from mos.shared.sd.concepts import Concept
@@ -130,10 +130,8 @@ class Fusion:
 
     def _take_out(self, name: str, site: str, ref: StoredGram) -> None:
         g = ref.load()  # read back once, to subtract exactly what was added
-        if isinstance(g, FactorGram):
-            self.sums[site].remove(name, g.factor, g.rows, factor=True)
-        else:
-            self.sums[site].remove(name, g.gram, g.rows)
+        G, factor = as_summed(g)
+        self.sums[site].remove(name, G, g.rows, factor=factor)
 
     def _sums(self, site: str) -> solver.SiteSums:
         if site not in self.sums:
@@ -162,10 +160,8 @@ class Fusion:
         for site_name, g in stats.items():
             g = held(g)
             loras = {l: lora[l] for l in self.sites[site_name].layers if l in lora}
-            if isinstance(g, FactorGram):
-                self._sums(site_name).add(name, g.factor, g.rows, loras, factor=True)
-            else:  # checked once, in check_stats (or by whoever marked its file checked)
-                self._sums(site_name).add(name, g.gram, g.rows, loras, checked=True)
+            G, factor = as_summed(g)  # a dense Gram was checked once, in check_stats (or before its file was marked)
+            self._sums(site_name).add(name, G, g.rows, loras, factor=factor, checked=True)
             self.stats[name][site_name] = kept[site_name]
 
     def check_stats(self, name: str, stats: Stats | dict[str, StoredGram]) -> None:
@@ -262,8 +258,7 @@ class Fusion:
         for name, stats in self.stats.items():
             for site, ref in stats.items():
                 if site in solved:
-                    g = ref.load()
-                    G, factor = (g.factor, True) if isinstance(g, FactorGram) else (g.gram, False)
+                    G, factor = as_summed(ref.load())
                     r = solver.site_residual(solved[site], self.adapters[name].lora, G, factor)
                     residuals.setdefault(name, {})[site] = r
         return residuals

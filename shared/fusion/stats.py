@@ -58,6 +58,11 @@ class FactorGram:
 Stats = dict[str, "Gram | FactorGram"]
 
 
+def as_summed(g: "Gram | FactorGram") -> tuple[torch.Tensor, bool]:
+    """(tensor, factor) as SiteSums.add/remove and site_residual take a Gram: R for a factored one, else G."""
+    return (g.factor, True) if isinstance(g, FactorGram) else (g.gram, False)
+
+
 def gram_trace(g: "Gram | FactorGram") -> float:
     return g.trace() if isinstance(g, FactorGram) else float(g.gram.diagonal().sum(dtype=torch.float64))
 
