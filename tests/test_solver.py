@@ -224,6 +224,31 @@ def test_add_then_remove_gives_previous_result():
     assert site.concepts == ["a", "b"] and site.rows == 100
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_factored_grams_sum_like_dense_ones_and_come_out_again(dtype):
+    """R (float32, as the wire sends it) instead of RᵀR: float64 products agree with the dense Gram to rounding,
+    float32 ones (what the driver uses at a fixed ε >= 1e-3) to float32's level; removal takes the same products
+    out again."""
+    g = gen(11)
+    d, layers = 40, {"to_q": 40, "to_k": 24}
+    xs = {c: rows(60, d, g) for c in "abc"}
+    los = {c: {name: lora(o, d, 2, g) for name, o in layers.items()} for c in "abc"}
+    dense, factored = SiteSums("s", d), SiteSums("s", d, factor_products=dtype)
+    for c in "ab":
+        dense.add(c, xs[c].T @ xs[c], 60, los[c])
+        R = torch.linalg.qr(xs[c].float(), mode="r").R  # RᵀR = XᵀX up to float32 rounding
+        factored.add(c, R, 60, los[c], factor=True)
+    want, got = products(dense.solve(1e-2)), products(factored.solve(1e-2))
+    for name in layers:
+        assert rel(got[name], want[name]) < 2e-6  # ~2e-7 with either products: R itself is float32 here
+    before = factored.solve(1e-2)
+    Rc = torch.linalg.qr(10.0 * xs["c"].float(), mode="r").R
+    factored.add("c", Rc, 60, los["c"], factor=True)
+    factored.remove("c", Rc, 60, factor=True)
+    for name in layers:
+        assert rel(products(factored.solve(1e-2))[name], products(before)[name]) < 1e-12
+
+
 def test_removing_everything_resets_exactly():
     g = gen(8)
     site, data = make_site(g, {"to_out.0": 16}, 16, ["a"])

@@ -88,16 +88,68 @@ def test_triangular_factor_is_never_larger_than_packed_and_stays_psd(rows):
     assert gram_codec.gram_wire_bytes(d, rows, "float32") == t.numel() * 4
 
 
-@pytest.mark.parametrize("k,d,block", [(600, 600, 256), (130, 600, 256), (7, 50, 16), (50, 50, 16)])
+@pytest.mark.parametrize("k,d,block", [(600, 600, 256), (130, 600, 256), (7, 50, 16), (50, 50, 16), (50, 50, 64)])
 def test_factor_gram_by_blocks_equals_the_full_product(k, d, block):
     from mos.shared.fusion.gram import add_factor_gram, symmetric_from_upper
 
-    R = torch.triu(torch.randn(k, d, generator=torch.Generator().manual_seed(k + d), dtype=torch.float64))
+    g = torch.Generator().manual_seed(k + d)
+    R = torch.triu(torch.randn(k, d, generator=g, dtype=torch.float64))
+    A = torch.randn(5, d, generator=g, dtype=torch.float64)
     U = torch.zeros(d, d, dtype=torch.float64)
-    add_factor_gram(U, R, block=block)
+    AG = add_factor_gram(U, R, block=block, A=A)
     G = symmetric_from_upper(U)
     assert torch.equal(G, G.T)
     assert float((G - R.T @ R).abs().max()) <= 1e-12 * float((R.T @ R).abs().max())
+    assert float((AG - A @ R.T @ R).abs().max()) <= 1e-12 * float((A @ R.T @ R).abs().max())
+    # float32 products of a float32 R, summed in float64: rounding at float32's level, and the same products
+    # subtracted again leave the sum where it was
+    R32 = R.float()
+    U32 = torch.zeros(d, d, dtype=torch.float64)
+    AG32 = add_factor_gram(U32, R32, block=block, A=A, dtype=torch.float32)
+    exact = R32.double().T @ R32.double()
+    assert float((symmetric_from_upper(U32) - exact).abs().max()) <= 1e-5 * float(exact.abs().max())
+    assert float((AG32 - A @ exact).abs().max()) <= 1e-5 * float((A @ exact).abs().max())
+    add_factor_gram(U32, R32, -1.0, block=block, dtype=torch.float32)
+    assert float(U32.triu().abs().max()) <= 1e-12 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("k,d", [(0, 9), (1, 9), (5, 9), (9, 9), (64, 200)])
+def test_trapezoid_packs_and_unpacks(k, d):
+    from mos.shared.fusion.gram import pack_trapezoid, trapezoid_len, unpack_trapezoid
+
+    R = torch.triu(torch.randn(k, d, generator=torch.Generator().manual_seed(d + k)))
+    t = pack_trapezoid(R)
+    assert t.shape == (trapezoid_len(k, d),) and t.dtype == R.dtype
+    iu = torch.triu_indices(k, d)
+    assert torch.equal(t, R[iu[0], iu[1]])  # the wire's row-by-row order
+    assert torch.equal(unpack_trapezoid(t, k, d), R)
+    with pytest.raises(ValueError, match="trapezoid"):
+        unpack_trapezoid(torch.zeros(t.numel() + 1), k, d)
+
+
+def test_factored_grams_are_stored_packed_and_older_files_still_load(tmp_path):
+    from safetensors import safe_open
+
+    from mos.shared.files import save_tensors
+    from mos.shared.fusion.stats_file import checked_refs, load_stats, save_stats
+
+    g = gram(48, 30)
+    enc, rank, t = gram_codec.encode_gram(g, "float32")
+    fg = gram_codec.decode_gram(enc, rank, t.float(), 48, 30, "x")
+    stats = {"site.a": fg, "site.b": g}
+    path = save_stats(stats, tmp_path / "stats-1.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == {"trapezoid/site.a", "gram/site.b"}
+        assert f.get_tensor("trapezoid/site.a").numel() == gram_codec.trapezoid_len(rank, 48)
+    refs = checked_refs(stats, path)
+    assert refs["site.a"].checked and refs["site.a"].factored and refs["site.a"].shape == (rank, 48)
+    back = refs["site.a"].load()
+    assert torch.equal(back.factor, fg.factor) and back.rows == 30 and back.trace() == fg.trace()
+    assert torch.equal(load_stats(path)["site.b"].gram, g.gram)
+    # a file written before factors were stored packed: R whole under factor/<site>
+    old = save_tensors({"factor/site.a": fg.factor}, tmp_path / "old.safetensors",
+                       {"rows": '{"site.a": 30}', "factored": '["site.a"]'})
+    assert torch.equal(load_stats(old)["site.a"].factor, fg.factor)
 
 
 # ------------------------------------------------------------------------------------------------ round trips

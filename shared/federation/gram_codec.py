@@ -1,7 +1,7 @@
 """How a Gram matrix travels: packed upper triangle in float64 (exact), or an upper-triangular factor R with
 RᵀR = G (k × d, k = rank ≤ rows: never larger than the packed triangle, smaller where the Gram has few rows, and
-still positive semidefinite after rounding to float32). A factor is decoded to the factor (stats.FactorGram), never
-to the dense Gram: the server sums RᵀR straight from it. A packed Gram is decoded dense and left to the fusion's one
+still positive semidefinite after rounding to float32). A factor is decoded to the factor (stats.FactorGram, still
+packed as sent), never to the dense Gram: the server stores it so and sums RᵀR straight from it. A packed Gram is decoded dense and left to the fusion's one
 check (Fusion.check_stats: check_gram and check_psd).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from mos.protos import mos_pb2 as pb
-from mos.shared.fusion.gram import pack_sym, packed_len, unpack_sym
+from mos.shared.fusion.gram import pack_sym, pack_trapezoid, packed_len, trapezoid_len, unpack_sym
 from mos.shared.fusion.stats import FactorGram, Gram
 
 GRAM_DTYPE = "float32"   # halves the upload against float64; see docs/protocol.md for what it costs
@@ -40,21 +40,14 @@ def triangular_factor(G: torch.Tensor) -> torch.Tensor:
     return R
 
 
-def trapezoid_len(k: int, d: int) -> int:
-    return k * d - k * (k - 1) // 2
-
-
 def encode_gram(g: Gram, dtype: str = GRAM_DTYPE) -> tuple[int, int, torch.Tensor]:
     """(encoding, rank, 1-D tensor). float64 travels packed (exact); narrower types as the triangular factor,
     whose RᵀR stays positive semidefinite after rounding (a rounded packed Gram can turn indefinite, and the
     fusion's solve amplifies that: docs/protocol.md)."""
-    d = g.gram.shape[0]
     if dtype == "float64":
         return pb.PACKED_UPPER, 0, pack_sym(g.gram)
     R = triangular_factor(g.gram)
-    k = R.shape[0]
-    iu = torch.triu_indices(k, d)
-    return pb.TRIANGULAR_FACTOR, k, R[iu[0], iu[1]]
+    return pb.TRIANGULAR_FACTOR, R.shape[0], pack_trapezoid(R)
 
 
 def gram_wire_bytes(d: int, rows: int, dtype: str = GRAM_DTYPE) -> int:
@@ -78,8 +71,5 @@ def decode_gram(encoding: int, rank: int, t: torch.Tensor, dim: int, rows: int, 
         if not 0 <= rank <= min(rows, dim) or t.shape[0] != trapezoid_len(rank, dim):
             raise GramError(f"{where}: triangular factor of rank {rank} has {t.shape[0]} values; site dimension "
                             f"{dim} needs {trapezoid_len(rank, dim)} with rank <= min(rows={rows}, {dim})")
-        R = torch.zeros(rank, dim, dtype=t.dtype)
-        iu = torch.triu_indices(rank, dim)
-        R[iu[0], iu[1]] = t
-        return FactorGram(R, rows)
+        return FactorGram(t, rank, dim, rows)  # kept packed, as sent: stored so, unpacked once when summed
     raise GramError(f"{where}: unknown Gram encoding {encoding}")

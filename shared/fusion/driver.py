@@ -19,7 +19,7 @@ from mos.shared.formats.adapter import Adapter, concept_meta
 from mos.shared.fusion import solver
 from mos.shared.fusion.bounds import Bounds, BoundsError
 from mos.shared.fusion.config import FusionConfig
-from mos.shared.fusion.gram import check_gram, check_psd
+from mos.shared.fusion.gram import check_gram, check_psd, trapezoid_len
 from mos.shared.fusion.spill import SpilledTerms
 from mos.shared.fusion.stats import FactorGram, Stats, as_summed, gram_trace
 from mos.shared.fusion.stats_file import StoredGram, held, load_stats, save_stats
@@ -54,6 +54,10 @@ class StageRunner(Protocol):
 # sizes with full-rank Grams, ~4N·Σ_sites(layers·d²) multiply-adds per concept, i.e. ~50 G per concept at N = 100,
 # more than the intake; at N = 3 the report took 2.4 s wall (bench/fusion_scale.py --real --ns 3).
 RESIDUALS_UPTO = 16
+
+# Factored Grams are summed with float32 RᵀR products at a fixed ε of at least this (solver.py, "Gram precision":
+# the fused ΔW moves by ~2e-6 relative at ε = 1e-2, ~6e-5 at 1e-4 on the scale benchmark's Grams).
+FLOAT32_PRODUCTS_MIN_EPS = 1e-3
 
 
 class Fusion:
@@ -136,8 +140,14 @@ class Fusion:
     def _sums(self, site: str) -> solver.SiteSums:
         if site not in self.sums:
             store = SpilledTerms(self.spill / "terms" / f"{len(self.sums):04d}")  # site names are not file names
-            self.sums[site] = solver.SiteSums(site, self.sites[site].dim, store)
+            self.sums[site] = solver.SiteSums(site, self.sites[site].dim, store, self._factor_products())
         return self.sums[site]
+
+    def _factor_products(self) -> torch.dtype:
+        """float32 RᵀR products (half the intake's time) only with a fixed ridge large enough that their rounding
+        stays far below fp16 weights' resolution (solver.py, "Gram precision"); float64 for GCV or a small ε."""
+        eps = self.config.eps
+        return torch.float32 if eps is not None and eps >= FLOAT32_PRODUCTS_MIN_EPS else torch.float64
 
     def _kept(self, stats: Stats | dict[str, StoredGram]) -> dict[str, StoredGram]:
         """Where each of these Grams stays while the concept is in the sums: its own file when it has one (the
@@ -183,9 +193,9 @@ class Fusion:
                 continue
             g = held(g)
             if isinstance(g, FactorGram):
-                R = g.factor
-                if R.ndim != 2 or R.shape[1] != site.dim or R.shape[0] > site.dim:
-                    raise FusionError(f"{what}: factor of shape {tuple(R.shape)} does not fit {site.dim}")
+                if g.dim != site.dim or not 0 <= g.rank <= site.dim or g.packed.shape != (trapezoid_len(g.rank, g.dim),):
+                    raise FusionError(f"{what}: factor of rank {g.rank}, dimension {g.dim} ({g.packed.numel()} values) "
+                                      f"does not fit {site.dim}")
             else:
                 try:
                     check_gram(g.gram, what, site.dim)

@@ -52,6 +52,15 @@ the eigh fallback runs: it takes the size of the most negative eigenvalue as the
 and gives no update along directions below it. The result is sound either way; float64 Grams
 keep the faster Cholesky path. SiteSolution.path reports which one ran.
 
+A factored Gram (G = R^T R, the wire's default) enters SG as R^T R formed block by block
+(gram.add_factor_gram): d^3/6 multiply-adds per full-rank site, the largest part of the server's intake
+(~0.6 s per SD1.5 concept on one core in float64, exact for a float32 R). SiteSums(factor_products=
+float32) forms them in float32, twice as fast, rounding each entry to ~1e-7 of its scale; the sums stay
+float64. Measured on the scale benchmark's Grams (10 concepts, d = 320/768/1280): the fused dW on the
+concepts' inputs moves by ~2e-6 relative at eps = 1e-2 (shipping R in float32 itself: ~1e-7) and by
+~6e-5 at eps = 1e-4, far below the resolution of fp16 weights (~5e-4); at GCV's small lam it would not
+be, so the driver (driver.py) asks for float32 products only with a fixed eps of at least 1e-3.
+
 Choosing lam per site: generalized cross-validation (eps=None)
 --------------------------------------------------------------
 A fixed eps cannot suit every site: how much the concepts conflict on an input direction, and how
@@ -105,9 +114,11 @@ DEFAULT_EPS                                   ridge factor eps (see above); eps=
 LayerTerm(B, AG, energy)                      one concept's terms for one layer; energy = tr(B A G A^T B^T) (GCV)
 SiteSolution(loras, path, lam, dense, eps)    solve output: layer -> (B*, A*), "cholesky"|"eigh", lam, dense layers,
                                               eps = lam / mean eigenvalue of SG
-SiteSums(name, dim, store=None)               running sums of one site (.gram_sum, .rows, .concepts, .layers,
+SiteSums(name, dim, store=None, factor_products=float64)
+                                              running sums of one site (.gram_sum, .rows, .concepts, .layers,
                                               .terms()); per-concept terms in a TermStore (MemoryTerms by
-                                              default; spill.SpilledTerms keeps them in files)
+                                              default; spill.SpilledTerms keeps them in files); the dtype
+                                              R^T R is formed in from a factor (see "Gram precision")
   .add(concept, gram, rows, loras, factor=False, checked=False)
                                               loras: layer -> (B, A); gram dense d x d or packed, or (factor=True)
                                               R [k, d] with G = R^T R, summed without forming G
@@ -129,7 +140,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from mos.shared.fusion.gram import add_factor_gram, check_gram, symmetric_from_upper, unpack_sym
+from mos.shared.fusion.gram import add_factor_gram, check_gram, sq_norm, symmetric_from_upper, unpack_sym
 
 __all__ = [
     "DEFAULT_EPS",
@@ -198,11 +209,11 @@ def _take_in(A: Tensor, G: Tensor, gram_sum: Tensor) -> Tensor:
     return out
 
 
-def _take_in_factor(A: Tensor, R: Tensor, upper: Tensor, alpha: float = 1.0) -> Tensor:
-    """upper += alpha RᵀR (upper triangle only) and return A RᵀR = (A Rᵀ) R (float64), never forming RᵀR."""
-    R = R.to(F64)
-    add_factor_gram(upper, R, alpha)
-    return (A @ R.T) @ R
+def _take_in_factor(A: Tensor, R: Tensor, upper: Tensor, dtype: torch.dtype) -> Tensor:
+    """upper += RᵀR (upper triangle only) and return A RᵀR (float64) from the same blocks of RᵀR, formed in
+    `dtype` (module docstring, "Gram precision"); never forms RᵀR whole."""
+    R = R.to(F64) if dtype == F64 else R  # widened once, not block by block
+    return add_factor_gram(upper, R, A=A, dtype=dtype)
 
 
 def _dense_gram(gram: Tensor, dim: int, name: str, checked: bool = False) -> Tensor:
@@ -382,9 +393,12 @@ class MemoryTerms:
 class SiteSums:
     """Running sums for one input site: SG and row counts in memory, per-layer per-concept terms in `store`."""
 
-    def __init__(self, name: str, dim: int, store: TermStore | None = None) -> None:
+    def __init__(self, name: str, dim: int, store: TermStore | None = None, factor_products: torch.dtype = F64) -> None:
+        """factor_products: the dtype RᵀR is formed in from a factor R (float32: twice as fast; module docstring,
+        "Gram precision"); the sums stay float64."""
         self.name = name
         self.dim = dim
+        self.factor_products = factor_products
         # SG, upper triangle and diagonal only: a factored Gram adds RᵀR there alone (a third of the work); the
         # lower triangle is not kept up to date and `gram_sum` mirrors the upper one when asked.
         self._upper = torch.zeros(dim, dim, dtype=F64)
@@ -434,7 +448,7 @@ class SiteSums:
             self._check_lora(where, layer, B, A)
         A_all = torch.cat([A.to(F64) for _, A in loras.values()]) if loras else torch.zeros(0, self.dim, dtype=F64)
         # One pass over G for all layers of the site: the sum and every A_i G_i.
-        AG = _take_in_factor(A_all, G, self._upper) if factor else _take_in(A_all, G, self._upper)
+        AG = _take_in_factor(A_all, G, self._upper, self.factor_products) if factor else _take_in(A_all, G, self._upper)
         new_terms = self._terms_for(loras, AG)
         self.rows += rows
         self._seen[concept] = (rows, _trace(G, factor))
@@ -462,8 +476,9 @@ class SiteSums:
             # Nothing left: reset exactly instead of carrying rounding residue forward.
             self._upper.zero_()
             self.rows = 0
-        elif factor:
-            add_factor_gram(self._upper, G.to(F64), -1.0)
+        elif factor:  # the same products as when it was added, subtracted
+            add_factor_gram(self._upper, G.to(F64) if self.factor_products == F64 else G, -1.0,
+                            dtype=self.factor_products)
             self.rows -= rows
         else:
             self._upper -= G
@@ -500,8 +515,8 @@ class SiteSums:
 
 
 def _trace(G: Tensor, factor: bool) -> float:
-    """tr(G) of a dense Gram, or of RᵀR given R (= ‖R‖²)."""
-    return float(G.to(F64).square().sum()) if factor else float(G.diagonal().sum(dtype=F64))
+    """tr(G) of a dense Gram, or of RᵀR given R (= ‖R‖², accumulated in float64)."""
+    return sq_norm(G) if factor else float(G.diagonal().sum(dtype=F64))
 
 
 # --------------------------------------------------------------------------- baseline

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mos.shared.fusion.gram import factor_gram
+from mos.shared.fusion.gram import factor_gram, pack_trapezoid, sq_norm, unpack_trapezoid
 from mos.shared.sd.sites import Site
 
 
@@ -32,18 +32,25 @@ class Gram:
 
 @dataclass
 class FactorGram:
-    """G = RᵀR held as R, upper-trapezoidal [k, d] (k = rank), as the wire carries it (float32 by default).
+    """G = RᵀR for an upper-trapezoidal R [rank, dim], held as the wire carries it: R's upper trapezoid packed row by
+    row (gram.pack_trapezoid), float32 by default. The server stores it so (half the bytes of R whole) and sums Grams
+    in this form: RᵀR is symmetric and positive semidefinite by construction (no Cholesky check needed),
+    tr(G) = ‖R‖², and adding RᵀR to a running sum costs a third of forming G densely and then adding it."""
 
-    The server keeps and sums Grams in this form: RᵀR is symmetric and positive semidefinite by construction
-    (no Cholesky check needed), tr(G) = ‖R‖², and adding RᵀR to a running sum costs a third of forming G densely
-    and then adding it."""
-
-    factor: torch.Tensor
+    packed: torch.Tensor  # 1-D, gram.trapezoid_len(rank, dim) values
+    rank: int
+    dim: int
     rows: int
 
+    @classmethod
+    def of(cls, R: torch.Tensor, rows: int) -> "FactorGram":
+        """From R itself [k, d] (its lower triangle is ignored)."""
+        return cls(pack_trapezoid(R), int(R.shape[0]), int(R.shape[1]), rows)
+
     @property
-    def dim(self) -> int:
-        return int(self.factor.shape[1])
+    def factor(self) -> torch.Tensor:
+        """R [rank, dim] (a new tensor, the packed values' dtype)."""
+        return unpack_trapezoid(self.packed, self.rank, self.dim)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -51,7 +58,8 @@ class FactorGram:
         return factor_gram(self.factor.to(torch.float64))
 
     def trace(self) -> float:
-        return float(self.factor.to(torch.float64).square().sum())
+        """‖R‖², over the packed values (accumulated in float64)."""
+        return sq_norm(self.packed)
 
 
 # A site's statistics: dense (what a recorder accumulates) or factored (what the server receives).
