@@ -59,6 +59,9 @@ def test_server_state_resumes_a_round_and_keeps_finished_concepts(tmp_path, tiny
         "text_encoder.encoder.layers.0.self_attn.qkv"].rows == 7
     again.complete_round(1, ["alice"], {"dropped": {"bob": "rejected: NaN"}})
     assert again.registry() == {"alice": adapter_digest(alice)}
+    # the registry shares the round's files (hard links) instead of a second copy of the statistics
+    assert os.path.samefile(tmp_path / "registry/alice/stats-1.safetensors",
+                            again.round_dir(1) / "alice/stats-1.safetensors")
     assert again.open_round() == (2, False)
     assert again.round_info(1)["dropped"] == {"bob": "rejected: NaN"}
     with pytest.raises(ValueError, match="belongs to base"):
