@@ -596,6 +596,23 @@ def test_spilled_terms_solve_like_memory_and_leave_no_file_behind(tmp_path):
     assert not list((tmp_path / "s").iterdir())
 
 
+def test_spilled_loras_come_back_as_put_and_leave_no_file_behind(tmp_path):
+    from mos.shared.fusion.spill import SpilledLoras
+
+    g = gen(37)
+    store = SpilledLoras(tmp_path / "l")
+    los = {"a": {"x.to_k": lora(8, 20, 2, g), "x.to_v": lora(6, 20, 2, g)}, "b": {"x.to_k": lora(8, 20, 1, g)}}
+    for name, lo in los.items():
+        store.put(name, lo)
+    for name, lo in los.items():
+        back = store.load(name)
+        assert list(back) == list(lo)
+        assert all(torch.equal(back[k][i], lo[k][i]) for k in lo for i in (0, 1))
+    store.drop("a")
+    store.drop("b")
+    assert not list((tmp_path / "l").iterdir())
+
+
 def test_gcv_with_too_few_rows_to_judge_damps_the_most():
     from mos.shared.fusion.solver import _GCV_EPS
 

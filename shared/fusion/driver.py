@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -20,7 +21,7 @@ from mos.shared.fusion import solver
 from mos.shared.fusion.bounds import Bounds, BoundsError
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.gram import check_gram, check_psd, trapezoid_len
-from mos.shared.fusion.spill import SpilledTerms
+from mos.shared.fusion.spill import SpilledLoras, SpilledTerms
 from mos.shared.fusion.stats import FactorGram, Stats, as_summed, gram_trace
 from mos.shared.fusion.stats_file import StoredGram, held, load_stats, save_stats
 from mos.shared.sd.base import check_same_base
@@ -64,8 +65,10 @@ class Fusion:
     """Running sums per input site over the concepts added so far; solve per stage.
 
     Memory does not grow with the concepts: each concept's Grams stay in files (the server's own statistics files,
-    or files this fusion writes under `spill`) and come back only to take a concept out or for the report, and
-    the per-concept terms of each site are spilled (spill.SpilledTerms). `spill` belongs to the fusion and is
+    or files this fusion writes under `spill`) and come back only to take a concept out or for the report; the
+    per-concept terms of each site (spill.SpilledTerms) and each concept's LoRA (spill.SpilledLoras) are spilled;
+    what memory keeps that grows with N is the fused result itself and each concept's names and embeddings.
+    `spill` belongs to the fusion and is
     emptied when it starts; without one a temporary folder is used and removed with the fusion (`close`).
     """
 
@@ -82,7 +85,10 @@ class Fusion:
         self.fingerprint = fingerprint
         self.sites = {s.name: s for s in sites}
         self.site_of = {layer: s for s in sites for layer in s.layers}
+        # Each concept's adapter without its LoRA (names, embeddings, metadata); the LoRA itself is in a file of the
+        # spill folder, read when it is needed (memory does not grow with the concepts).
         self.adapters: dict[str, Adapter] = {}
+        self._loras = SpilledLoras(self.spill / "loras")
         self.stats: dict[str, dict[str, StoredGram]] = {}  # concept -> site -> where its Gram is
         self.sums: dict[str, solver.SiteSums] = {}
         self.solved: dict[int, dict[str, solver.SiteSolution]] = {}
@@ -98,8 +104,10 @@ class Fusion:
     def add(self, adapter: Adapter) -> None:
         """Register one party's adapter (its concept and LoRA) after checking it against the manifest."""
         self.check_adapter(adapter)
-        self.adapters[adapter.concepts[0].name] = adapter
-        self.stats[adapter.concepts[0].name] = {}
+        name = adapter.concepts[0].name
+        self._loras.put(name, adapter.lora)
+        self.adapters[name] = replace(adapter, lora={})
+        self.stats[name] = {}
 
     def check_adapter(self, adapter: Adapter) -> None:
         """Everything `add` requires, changing nothing (the server checks a client's upload before it counts)."""
@@ -130,6 +138,7 @@ class Fusion:
             if site in self.sums and name in self.sums[site].concepts:
                 self._take_out(name, site, ref)
         self.adapters.pop(name, None)
+        self._loras.drop(name)
         self.dropped[name] = reason
 
     def _take_out(self, name: str, site: str, ref: StoredGram) -> None:
@@ -166,7 +175,7 @@ class Fusion:
             raise FusionError(f"statistics for unknown concept {name!r}")
         self.check_stats(name, stats)
         kept = self._kept(stats)
-        lora = self.adapters[name].lora
+        lora = self._loras.load(name)
         for site_name, g in stats.items():
             g = held(g)
             loras = {l: lora[l] for l in self.sites[site_name].layers if l in lora}
@@ -240,16 +249,18 @@ class Fusion:
             if missing:
                 raise FusionError(f"concept {missing[0][0]!r} sent no statistics for {missing[0][1]} "
                                   f"({len(missing)} site(s) missing)")
-            self.solved[stage] = {s.name: self.sums[s.name].solve(self.config.eps) for s in sites if s.name in self.sums}
-            out = {l: (B.float(), A.float()) for sol in self.solved[stage].values() for l, (B, A) in sol.loras.items()}
+            self.solved[stage] = {s.name: _float32(self.sums[s.name].solve(self.config.eps)) for s in sites
+                                  if s.name in self.sums}
+            out = {l: BA for sol in self.solved[stage].values() for l, BA in sol.loras.items()}
         self.timings[f"stage{stage}_solve_s"] = time.perf_counter() - t0
         self.check_result(out)
         return out
 
     def _weight(self, sites: list[Site]) -> Lora:
         out = {}
+        loras = [self._loras.load(name) for name in self.adapters]
         for layer in (l for s in sites for l in s.layers):
-            parts = [a.lora[layer] for a in self.adapters.values() if layer in a.lora]
+            parts = [lora[layer] for lora in loras if layer in lora]
             if parts:
                 B, A = solver.weight_fusion(parts, "average")
                 out[layer] = (B.float(), A.float())
@@ -266,10 +277,11 @@ class Fusion:
         solved = {site: sol for stage in self.solved.values() for site, sol in stage.items()}
         residuals: dict[str, dict[str, float]] = {}
         for name, stats in self.stats.items():
+            lora = self._loras.load(name) if name in self.adapters else {}
             for site, ref in stats.items():
                 if site in solved:
                     G, factor = as_summed(ref.load())
-                    r = solver.site_residual(solved[site], self.adapters[name].lora, G, factor)
+                    r = solver.site_residual(solved[site], lora, G, factor)
                     residuals.setdefault(name, {})[site] = r
         return residuals
 
@@ -288,6 +300,12 @@ class Fusion:
             "residuals_skipped": (f"{len(self.stats)} concepts > {RESIDUALS_UPTO}: per-concept residuals cost "
                                   "O(N) each" if len(self.stats) > RESIDUALS_UPTO else ""),
         }
+
+
+def _float32(sol: solver.SiteSolution) -> solver.SiteSolution:
+    """The solution as it is delivered (float32), kept for the report: one copy of the fused result, not a float64
+    one beside it (the fused result grows with N: rank 4N per layer until dense, ~0.4 GiB float32 at N = 100)."""
+    return replace(sol, loras={l: (B.float(), A.float()) for l, (B, A) in sol.loras.items()})
 
 
 def _drop_missing(fusion: Fusion, replied: dict, stage: str) -> None:

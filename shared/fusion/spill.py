@@ -1,4 +1,4 @@
-"""Per-concept fusion terms kept in files instead of memory, so the server's memory does not grow with N.
+"""Per-concept fusion terms (and LoRAs) kept in files instead of memory, so the server's memory does not grow with N.
 
 A `SpilledTerms` is a solver.TermStore: each concept's terms of one site (B_i, A_i G_i and the energy per layer)
 go to one safetensors file when the concept is added, and come back only while that site is solved. At SD1.5 sizes
@@ -56,3 +56,34 @@ class SpilledTerms:
                                      energy=float(f.get_tensor(f"energy/{layer}")[0]))
                     out.setdefault(layer, []).append(term)
         return out
+
+
+class SpilledLoras:
+    """Each concept's LoRA in a file of one folder, read when a stage's statistics are added or for the report: a
+    rank-4 SD1.5 LoRA is ~5 MiB, ~0.5 GiB that memory need not hold at N = 100."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, Path] = {}
+        self._next = 0
+
+    def put(self, concept: str, lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        tensors = {f"{k}/{layer}": t.detach().contiguous() for layer, BA in lora.items() for k, t in zip("BA", BA)}
+        path = self.folder / f"{self._next:06d}.safetensors"
+        self._next += 1
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"layers": json.dumps(list(lora))})
+        os.replace(tmp, path)
+        self.drop(concept)
+        self._files[concept] = path
+
+    def drop(self, concept: str) -> None:
+        path = self._files.pop(concept, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def load(self, concept: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        with safe_open(str(self._files[concept]), framework="pt") as f:
+            return {layer: (f.get_tensor(f"B/{layer}"), f.get_tensor(f"A/{layer}"))
+                    for layer in json.loads(f.metadata()["layers"])}
