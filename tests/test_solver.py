@@ -326,6 +326,15 @@ def test_pack_unpack_round_trip(d):
     assert torch.equal(unpack_sym(v), unpack_sym(v, d))
 
 
+@pytest.mark.parametrize("d", [1, 7, 128, 129, 300])
+def test_tiled_symmetric_forms_equal_the_whole_matrix_ones(d):
+    from mos.shared.fusion.gram import symmetric_from_upper, symmetrised
+
+    U = torch.randn(d, d, generator=gen(d), dtype=F64)
+    assert torch.equal(symmetric_from_upper(U), torch.triu(U) + torch.triu(U, 1).T)
+    assert torch.equal(symmetrised(U), 0.5 * (U + U.T))
+
+
 def test_unpack_rejects_wrong_length():
     with pytest.raises(ValueError, match="needs 10"):
         unpack_sym(torch.zeros(9), 4)

@@ -140,7 +140,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from mos.shared.fusion.gram import add_factor_gram, check_gram, sq_norm, symmetric_from_upper, unpack_sym
+from mos.shared.fusion.gram import add_factor_gram, check_gram, sq_norm, symmetric_from_upper, symmetrised, unpack_sym
 
 __all__ = [
     "DEFAULT_EPS",
@@ -230,14 +230,22 @@ def _dense_gram(gram: Tensor, dim: int, name: str, checked: bool = False) -> Ten
 # --------------------------------------------------------------------------- factorisation
 
 
+def _finite(t: Tensor) -> bool:
+    """No NaN or Inf in t: min and max propagate both, in one pass without a boolean copy of t."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _factor(gram_sum: Tensor, eps: float) -> tuple[Callable[[Tensor], Tensor], str, float]:
     """Return (x -> (SG + lam I)^-1 x, path, lam), by Cholesky or, failing that, eigh."""
-    if not bool(torch.isfinite(gram_sum).all()):
+    if not _finite(gram_sum):
         raise ValueError("gram sum contains NaN or Inf")
     d = gram_sum.shape[0]
     if d == 0:
         return (lambda rhs: rhs), "cholesky", 0.0
-    M = 0.5 * (gram_sum + gram_sum.T).to(F64)  # kill asymmetric rounding from running sums
+    M = symmetrised(gram_sum.to(F64))  # kill asymmetric rounding from running sums
     lam = max(0.0, eps * float(torch.trace(M)) / d)
     M.diagonal().add_(lam)
 
@@ -275,12 +283,12 @@ def _gcv(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], energy: float, rows
 
     AG stacks every layer's A_i G_i rows; Bs holds each layer's [B_1 ... B_n], in the same order.
     """
-    if not bool(torch.isfinite(gram_sum).all()):
+    if not _finite(gram_sum):
         raise ValueError("gram sum contains NaN or Inf")
     if rows <= 0 or not math.isfinite(energy):
         raise ValueError("choosing lam by GCV needs the row count and every term's energy")
     d = gram_sum.shape[0]
-    w, V = torch.linalg.eigh(0.5 * (gram_sum + gram_sum.T).to(F64))
+    w, V = torch.linalg.eigh(symmetrised(gram_sum.to(F64)))
     noise = max(0.0, -float(w.min()))  # as in _factor's fallback: a Gram sum has no negative eigenvalue
     keep = w > max(d * torch.finfo(F64).eps * float(w.abs().max()), noise)
     mean = float(w.sum()) / d
