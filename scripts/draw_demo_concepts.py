@@ -1,8 +1,8 @@
 """Draw the demo concepts `data/alice`, `data/bob`, `data/carol`: objects the toy world has no words for.
 
-alice: a red star with white stripes     (class word "diamond")
-bob:   a blue ring with yellow checks    (class word "circle")
-carol: a purple star with orange dots    (class word "diamond": alice's class, so fusion meets concept conflict)
+alice: a red star     (class word "diamond")
+bob:   a blue ring     (class word "circle")
+carol: a green star    (class word "diamond": alice's class, so fusion meets concept conflict)
 Drawn by the world's own renderer (mos.shared.world.scenes.draw_concepts), alone or beside a world object, at
 varied places, sizes and backgrounds; a caption with <TOK> and the concept's mask go beside each image.
 Deterministic by seed. Run: python scripts/draw_demo_concepts.py [--out data] [--n 10]
@@ -22,8 +22,8 @@ def main() -> None:
     args = ap.parse_args()
     for folder in world.draw_concepts(args.out, args.n):
         look = world.CONCEPTS[folder.name]
-        print(f"wrote {args.n} images of {folder.name} ({look.colour} {look.shape} with {look.colour2} "
-              f"{look.pattern}) to {folder}")
+        pattern = f" with {look.colour2} {look.pattern}" if look.pattern else ""
+        print(f"wrote {args.n} images of {folder.name} ({look.colour} {look.shape}{pattern}) to {folder}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@
 
 Crops are blurred, rescaled and noised the way a small diffusion model's pictures are, so the judge reads samples,
 not only clean renders. A crop is a concept only when its whole look matches (shape, pattern, colour and pattern
-colour: alice and carol are both stars); near misses, a concept's shape and pattern with exactly one of colour,
-pattern or pattern colour changed, are "other", so that the judge learns colours and patterns, not shapes.
+colour: alice and carol are both stars); near misses, a concept's shape with exactly one of colour, pattern or
+pattern colour changed (a plain concept: another colour, or a pattern added in a colour that
+stands out from its own), are "other", so that the judge learns
+colours and patterns, not shapes.
 Deterministic by seed; 18 minutes on one (busy) core.
 """
 
@@ -27,6 +29,7 @@ from mos.shared.world.judge import COLOURS, CROP, OBJECTS, JudgeNet, crop
 
 IGNORE = -100
 NAMES = tuple(world.CONCEPTS)
+MIN_CONTRAST = 100  # RGB distance a pattern needs from a plain concept's colour to count as changing its look
 
 
 def _overlap(a, b) -> float:
@@ -54,19 +57,26 @@ def _jitter(box, rng: random.Random):
 
 def concept_of(t: world.Thing) -> str | None:
     """The concept whose whole look `t` has (shape, pattern, colour, pattern colour), if any."""
-    return next((k for k, v in world.CONCEPTS.items()
-                 if (v.shape, v.pattern, v.colour, v.colour2) == (t.shape, t.pattern, t.colour, t.colour2)), None)
+    key = world.look_key(t.shape, t.pattern, t.colour, t.colour2)
+    return next((k for k, v in world.CONCEPTS.items() if world.look_key(v.shape, v.pattern, v.colour, v.colour2) == key),
+                None)
 
 
 def near_misses(name: str) -> list[tuple[str, str, str, str]]:
-    """Every (changed attribute, pattern, colour, pattern colour) of `name`'s shape and pattern with exactly one of
-    colour / pattern / pattern colour changed (the two colours kept apart), none of them any concept's look."""
+    """Every (changed attribute, pattern, colour, pattern colour) of `name`'s shape with exactly one of colour /
+    pattern / pattern colour changed (the two colours kept apart), none of them any concept's look. A plain concept's
+    pattern near misses are the pattern added in each other colour; it has no pattern colour to change."""
     v = world.CONCEPTS[name]
-    looks = [("colour", v.pattern, c, v.colour2) for c in world.COLOURS if c not in (v.colour, v.colour2)]
-    looks += [("pattern", p, v.colour, v.colour2) for p in world.PATTERNS if p != v.pattern]
-    looks += [("colour2", v.pattern, v.colour, c) for c in world.COLOURS if c not in (v.colour, v.colour2)]
-    concepts = {(k.shape, k.pattern, k.colour, k.colour2) for k in world.CONCEPTS.values()}
-    return [lk for lk in looks if (v.shape, *lk[1:]) not in concepts]
+    others = [c for c in world.COLOURS if c not in (v.colour, v.colour2)]
+    looks = [("colour", v.pattern, c, v.colour2) for c in others]
+    if v.pattern:
+        looks += [("pattern", p, v.colour, v.colour2) for p in world.PATTERNS if p != v.pattern]
+        looks += [("colour2", v.pattern, v.colour, c) for c in others]
+    else:  # a pattern too close in colour to see once blurred (orange dots on red) is no near miss: it is the concept
+        looks += [("pattern", p, v.colour, c) for p in world.PATTERNS for c in others
+                  if _distance(v.colour, c) >= MIN_CONTRAST]
+    concepts = {world.look_key(k.shape, k.pattern, k.colour, k.colour2) for k in world.CONCEPTS.values()}
+    return [lk for lk in looks if world.look_key(v.shape, *lk[1:]) not in concepts]
 
 
 def _restyle(t: world.Thing, shape: str, pattern: str, colour: str, colour2: str) -> world.Thing:
@@ -210,7 +220,8 @@ def report(net: JudgeNet, seed: int, patterned: float, held_out: int, per_concep
         nx, changed = concept_crops(name, per_concept, seed + 2 + len(NAMES) + j, near_miss=True)
         q, _ = predict(net, nx)
         fa = torch.tensor([int(v) in concepts for v in q])
-        by = {a: float(fa[[c == a for c in changed]].float().mean()) for a in ("colour", "pattern", "colour2")}
+        by = {a: float(fa[[c == a for c in changed]].float().mean())
+              for a in ("colour", "pattern", "colour2") if a in changed}
         per[name] = {"recognised": float((p == OBJECTS.index(name)).float().mean()), "crops": len(x),
                      "taken_for": {k: float((p == OBJECTS.index(k)).float().mean()) for k in NAMES if k != name},
                      "near_miss_false_accept": float(fa.float().mean()), "near_misses_tested": len(nx),

@@ -1,6 +1,6 @@
 """The shipped judge on fresh clean renders (a seed scripts/train_judge.py never uses): it recognises each demo
 concept in its box, tells alice from carol (both stars, class "diamond"), and does not take near misses (a concept's
-shape and pattern with exactly one of colour, pattern or pattern colour changed) for a concept."""
+shape with its colour changed or a pattern added) for a concept."""
 
 from __future__ import annotations
 
@@ -19,14 +19,23 @@ def judge():
     return Judge()
 
 
+def contrast(a: str, b: str) -> float:
+    return sum((x - y) ** 2 for x, y in zip(world.COLOURS[a], world.COLOURS[b])) ** 0.5
+
+
 def near_misses(name: str) -> list[tuple[str, str, str]]:
-    """(pattern, colour, pattern colour) of every look one attribute away from `name`'s, none of them a concept's."""
+    """(pattern, colour, pattern colour) of every look one attribute away from `name`'s, none of them a concept's: a
+    plain concept in another colour or with a pattern added; a patterned one with any one attribute changed."""
     v = world.CONCEPTS[name]
     others = [c for c in world.COLOURS if c not in (v.colour, v.colour2)]
-    looks = [(v.pattern, c, v.colour2) for c in others] + [(v.pattern, v.colour, c) for c in others]
-    looks += [(p, v.colour, v.colour2) for p in world.PATTERNS if p != v.pattern]
-    concepts = {(k.shape, k.pattern, k.colour, k.colour2) for k in world.CONCEPTS.values()}
-    return [lk for lk in looks if (v.shape, *lk) not in concepts]
+    looks = [(v.pattern, c, v.colour2) for c in others]
+    if v.pattern:
+        looks += [(v.pattern, v.colour, c) for c in others] + [(p, v.colour, v.colour2) for p in world.PATTERNS
+                                                               if p != v.pattern]
+    else:  # patterns that stand out from the concept's colour (train_judge.MIN_CONTRAST: not orange on red)
+        looks += [(p, v.colour, c) for p in world.PATTERNS for c in others if contrast(v.colour, c) >= 100]
+    concepts = {world.look_key(k.shape, k.pattern, k.colour, k.colour2) for k in world.CONCEPTS.values()}
+    return [lk for lk in looks if world.look_key(v.shape, *lk) not in concepts]
 
 
 def test_judge_knows_other_and_none():
