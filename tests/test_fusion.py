@@ -58,7 +58,7 @@ def test_recorded_grams_equal_grams_of_explicit_inputs(tiny_base, alice):
 def test_kv_statistics_read_concept_tokens_and_end_token_per_layer(tiny_base, alice):
     model = ConceptModel.from_adapter(copy.deepcopy(tiny_base), alice)
     stats = stages.kv_stats(model, "alice")
-    n_prompts = len(stages.PROMPTS)
+    n_prompts = len(stages.prompts_for("alice", tiny_base.spec))
     assert len(stats) == 16 and all(g.rows == 3 * n_prompts for g in stats.values())
     # layer-wise embeddings: change layer 3's rows and only layer 3's k/v statistics move
     with torch.no_grad():

@@ -45,7 +45,7 @@ def _trajectory(model: ConceptModel, cond: torch.Tensor, uncond: torch.Tensor, s
 def concept_retention(base: Base, fused: Adapter, own: Adapter, steps: int = 10, seed: int = 0,
                       guidance: float = 7.5) -> float:
     concept = own.concepts[0]
-    prompts = prompts_for(concept.name)[:EVAL_PROMPTS]
+    prompts = prompts_for(concept.name, base.spec)[:EVAL_PROMPTS]
     own_m = ConceptModel.from_adapter(copy.deepcopy(base), own)
     fused_m = ConceptModel.from_adapter(copy.deepcopy(base), fused)
     base_m = ConceptModel(copy.deepcopy(base))

@@ -18,18 +18,19 @@ from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.stats import Stats, StatsRecorder, empty
 from mos.shared.sampling.denoise import denoise, initial_latents
+from mos.shared.sd.architectures import stat_prompts_of
 from mos.shared.sd.base import Base
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.lora import Lora
 from mos.shared.sd.model import ConceptModel
 from mos.shared.sd.sites import Site, cross_attention_layers, input_sites
 
-PROMPTS = ("a photo of {}", "{}", "a close-up photo of {}", "{} in a garden", "a painting of {}", "{} on a beach")
 SAMPLE_PROMPTS = 2  # stage 3 samples the first two prompts: enough rows, a fraction of the time
 
 
-def prompts_for(concept: str) -> list[str]:
-    return [p.format(f"<{concept}>") for p in PROMPTS]
+def prompts_for(concept: str, spec: str) -> list[str]:
+    """The statistics' prompts for `concept` on the base `spec`, in that base's caption language."""
+    return [p.format(f"<{concept}>") for p in stat_prompts_of(spec)]
 
 
 def sites_of(base_or_model, stage: int, placement: str | None = None) -> list[Site]:
@@ -42,14 +43,14 @@ def text_encoder_stats(model: ConceptModel, concept: str) -> Stats:
     # every row of the prompts padded to 77, padding included (the reference drops it): the UNet reads the padding
     # positions too; measured, it ties at the default ε and retains better with λ by GCV (docs/design.md)
     with StatsRecorder(model.models, sites_of(model, 1)) as rec:
-        model.encode(prompts_for(concept))
+        model.encode(prompts_for(concept, model.base.spec))
     return rec.stats
 
 
 @torch.no_grad()
 def kv_stats(model: ConceptModel, concept: str) -> Stats:
     """attn2 k/v read the text features directly: their Gram is built from the conditioning, no UNet pass."""
-    prompts = prompts_for(concept)
+    prompts = prompts_for(concept, model.base.spec)
     cond = model.encode(prompts)  # [B, L, 77, dim]
     ids = model.prompts.layerwise_ids(prompts)[:, 0]
     first_eos = (ids == model.base.tokenizer.eos_token_id).int().argmax(dim=1)
@@ -67,7 +68,7 @@ def kv_stats(model: ConceptModel, concept: str) -> Stats:
 
 @torch.no_grad()
 def spatial_stats(model: ConceptModel, concept: str, config: FusionConfig = FusionConfig()) -> Stats:
-    prompts = prompts_for(concept)[:SAMPLE_PROMPTS]
+    prompts = prompts_for(concept, model.base.spec)[:SAMPLE_PROMPTS]
     cond, uncond = model.encode(prompts), model.encode([""] * len(prompts))
     latents = torch.cat([initial_latents(model, 1, config.sample_seed + i) for i in range(len(prompts))])
     with StatsRecorder(model.models, sites_of(model, 3, config.placement)) as rec:

@@ -13,6 +13,23 @@ def recipe_of(spec: str) -> str:
     return "small" if spec == "world" else "reference"
 
 
+# The sentences fusion's statistics prompt a concept with, in the base's own caption language: the inputs a fused
+# layer must serve are those of pictures that show the concept. A real SD base read web captions; the toy world only
+# its scene grammar, where "a photo of <alice>" draws nothing of alice, so the spatial statistics measured features
+# of no concept and fusion lost every concept there (docs/world.md, "Fusing them").
+STAT_PROMPTS = {
+    "captions": ("a photo of {}", "{}", "a close-up photo of {}", "{} in a garden", "a painting of {}",
+                 "{} on a beach"),
+    "world": ("a {} on the left", "a {} on the right", "a {} in the center", "a {} at the top", "a {} at the bottom",
+              "a {} on the left, on a dark background"),
+}
+
+
+def stat_prompts_of(spec: str) -> tuple[str, ...]:
+    """Prompt templates ("{}" is the concept's handle) for a base's fusion statistics and retention checks."""
+    return STAT_PROMPTS["world" if spec == "world" else "captions"]
+
+
 def default_placement(spec: str) -> str:
     """The layers a base's recipe puts LoRA on, so tuning and fusion agree without being told."""
     return "wide" if recipe_of(spec) == "small" else "attention"
