@@ -114,6 +114,8 @@ class Gateway:
                     return
         except (ConnectionError, ssl.SSLError, OSError):
             return
+        except asyncio.CancelledError:  # stop() ends open connections; ending normally keeps Python 3.11's
+            return                      # streams from printing a traceback per connection (fixed in 3.12)
         finally:
             writer.close()
 
