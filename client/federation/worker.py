@@ -30,7 +30,7 @@ from mos.shared.runtime import limit_threads, say
 from mos.shared.sd.base import Base, mos_home
 from mos.shared.sd.model import ConceptModel
 
-CACHE_VERSION = 2  # 2: the stage-3 sampling settings are part of the key
+CACHE_VERSION = 3  # 2: the stage-3 sampling settings are part of the key; 3: and the prompts
 
 
 @dataclass
@@ -153,7 +153,8 @@ class Worker:
     def cached(self, stage: int, request: str, cfg: FusionConfig, compute) -> tuple[Stats, bool]:
         # what decides the statistics: the Gram dtype only changes how they travel
         what = {"one_shot": cfg.one_shot, "steps": cfg.sample_steps, "seed": cfg.sample_seed, "guidance": cfg.guidance,
-                "placement": cfg.placement}
+                "placement": cfg.placement, "prompts": stages.prompts_for(self.name, self.base.spec),
+                "sampled": stages.SAMPLE_PROMPTS}  # statistics cached with other prompts are not these
         key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "stage": stage, "adapter": self.digest,
                                          "base": self.base.fingerprint, "request": request, **what},
                                         sort_keys=True).encode()).hexdigest()
