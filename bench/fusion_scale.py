@@ -239,11 +239,35 @@ def run_scale(n: int, sites: list[dict], residual_upto: int, gram_dtype: torch.d
     return out
 
 
+def _rss_now_mib() -> dict[str, float]:
+    """Current RSS split as the kernel counts it (/proc/self/status): anonymous memory (the process's own) and
+    file-backed pages mapped in (e.g. a safetensors file read through mmap: page cache, dropped when unmapped)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024.0
+    return out
+
+
+def _bench_bounds(sites: list[dict]):
+    """Limits as mos-server has them (state.bounds: from the base), so intake pays for their checks too: weight
+    norms of the random base the synthetic LoRAs are scaled for (‖W‖_F ~ sqrt(d_out)); row power of the synthetic
+    Grams: tr G = m (9·16 + 8 + NOISE²) for m rows, sent with max(m, d) rows (run_real), at the mean m."""
+    from mos.shared.fusion.bounds import Bounds
+
+    norms = {l["name"]: math.sqrt(l["out_dim"]) for s in sites for l in s["layers"]}
+    m = sum(ROWS) / 2
+    power = {s["site"]: (9.0 * SHARED_DIRS + OWN_DIRS + NOISE**2) * m / max(m, s["dim"]) for s in sites}
+    return Bounds(norms, power)
+
+
 def run_real(n: int, sites: list[dict], folder: str) -> dict:
     """mos-server's intake as it runs: each synthetic Gram encoded by the wire codec as a client does (float32
-    triangular factor; clients' work, excluded), then per concept the server's decode_gram -> Fusion.check_stats ->
-    save to the state folder -> Fusion.add_stats over the file references (FlowerRunner._query's order), then every
-    stage's solve and the report. The fusion spills its terms under the state folder, as mos-server's does."""
+    triangular factor, packed; clients' work, excluded), then per concept the server's decode_gram -> Fusion
+    check_adapter/check_stats with the base's bounds -> save to the state folder -> Fusion.add_stats over the file
+    references (FlowerRunner._query's order), then every stage's solve and the report. The fusion spills its terms
+    under the state folder, as mos-server's does."""
     from mos.protos import mos_pb2 as pb
     from mos.shared.federation.gram_codec import decode_gram, encode_gram
     from mos.shared.formats.adapter import Adapter
@@ -258,9 +282,9 @@ def run_real(n: int, sites: list[dict], folder: str) -> dict:
                  s.get("stage") or (1 if layer_kind(s["site"]) == "text" else 2 if layer_kind(s["site"]) == "cross_kv"
                                     else 3)) for s in sites]
     state = Path(folder)
-    fusion = Fusion("bench", objs, FusionConfig(eps=EPS), spill=state / ".fusion")
+    fusion = Fusion("bench", objs, FusionConfig(eps=EPS), _bench_bounds(sites), spill=state / ".fusion")
     gen_s = intake_s = intake_cpu_s = 0.0
-    per_concept = []
+    per_concept, rss = [], []
     for c in range(n):
         name = f"c{c:03d}"
         t0 = time.perf_counter()
@@ -279,18 +303,18 @@ def run_real(n: int, sites: list[dict], folder: str) -> dict:
         stats = {site: decode_gram(enc, rank, t, objs[k].dim, rows, site)
                  for k, (site, (enc, rank, t, rows)) in enumerate(wire_stats.items())}
         assert all(e == pb.TRIANGULAR_FACTOR for e, *_ in wire_stats.values())
-        del wire_stats
         fusion.check_adapter(adapter)
         fusion.check_stats(name, stats)
         path = save_stats(stats, state / name / "stats-1.safetensors")
         refs = checked_refs(stats, path)
-        del stats
+        del stats, wire_stats  # the fusion reads each Gram back from the state file (as mos-server's does)
         fusion.add(adapter)
         fusion.add_stats(name, refs)
         dt = time.perf_counter() - t1
         intake_s += dt
         intake_cpu_s += time.process_time() - c1
         per_concept.append(dt)
+        rss.append(_rss_now_mib())
     rss_after_intake = _maxrss_mib()
     t0, c0 = time.perf_counter(), time.process_time()
     fused = fusion.solve(1) | fusion.solve(2) | fusion.solve(3)
@@ -298,10 +322,14 @@ def run_real(n: int, sites: list[dict], folder: str) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     report = fusion.report()
     report_s, report_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    rss_end = _rss_now_mib()
     res = sorted(r for by_site in report["residuals"].values() for r in by_site.values())
     tenth = max(1, n // 10)
-    disk = sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
+    files = [f for f in state.rglob("*") if f.is_file()]
+    spill = sum(f.stat().st_size for f in files if ".fusion" in f.relative_to(state).parts)
+    disk = sum(f.stat().st_size for f in files)
     fusion.close()
+    first, last = rss[tenth - 1], rss[-1]  # after the first tenth of the concepts, after the last one
     return {
         "n": n, "mode": "real", "gen_s": gen_s, "add_s": intake_s, "solve_s": solve_s, "report_s": report_s,
         "server_s": intake_s + solve_s + report_s, "add_cpu_s": intake_cpu_s, "solve_cpu_s": solve_cpu_s,
@@ -309,11 +337,18 @@ def run_real(n: int, sites: list[dict], folder: str) -> dict:
         "add_s_per_concept_first_tenth": sum(per_concept[:tenth]) / tenth,
         "add_s_per_concept_last_tenth": sum(per_concept[-tenth:]) / tenth,
         "peak_rss_mib": _maxrss_mib(), "start_rss_mib": base_rss, "rss_after_intake_mib": rss_after_intake,
+        "rss_samples": {"after_concept": [tenth, n], "anon_mib": [first["RssAnon"], last["RssAnon"]],
+                        "file_mib": [first["RssFile"], last["RssFile"]], "after_solve": rss_end,
+                        "anon_max_sampled_mib": max(r["RssAnon"] for r in rss + [rss_end]),
+                        "file_max_sampled_mib": max(r["RssFile"] for r in rss + [rss_end])},
+        "rss_anon_growth_per_concept_mib": (last["RssAnon"] - first["RssAnon"]) / max(1, n - tenth),
         "gram_sums_mib": sum(s["dim"] ** 2 for s in sites) * 8 / 2**20, "terms_mib": float("nan"),
         "terms_in": "files (spilled)", "outputs_mib": _mib(t for BA in fused.values() for t in BA),
-        "state_disk_mib": disk / 2**20, "residuals_reported": len(res),
+        "state_disk_mib": disk / 2**20, "state_stats_mib_per_concept": (disk - spill) / 2**20 / n,
+        "spill_mib_per_concept": spill / 2**20 / n, "residuals_reported": len(res),
         "residual_median": res[len(res) // 2] if res else None, "residuals_skipped": report["residuals_skipped"],
         "paths": dict(Counter(report["solve_path"].values())), "dense_layers": 0,
+        "factor_products": str(fusion.sums[next(iter(fusion.sums))].factor_products).removeprefix("torch."),
     }
 
 
@@ -458,11 +493,18 @@ def summarise(scale: list[dict], lbfgs: dict | None) -> dict:
     by_n = {r["n"]: r for r in scale}
     big = by_n.get(max(by_n)) if by_n else None
     out: dict = {}
-    if big and big.get("mode") == "real":
+    real = bool(big and big.get("mode") == "real")
+    if big:
+        # which path the issue's keys (n100_server_total_s, ...) describe in this file
+        out["path"] = ("real: mos-server's intake (decode -> check with bounds -> state file -> Fusion.add_stats), "
+                       "solve and report" if real else "synthetic: SiteSums.add on dense Grams, and the solve")
+    if real:
         out[f"n{big['n']}_real_server_total_s"] = round(big["server_s"], 3)
         out[f"n{big['n']}_real_server_total_cpu_s"] = round(big["server_cpu_s"], 3)
         out[f"n{big['n']}_real_report_s"] = round(big["report_s"], 3)
         out[f"n{big['n']}_state_disk_mib"] = round(big["state_disk_mib"], 1)
+        out["state_stats_mib_per_concept"] = round(big["state_stats_mib_per_concept"], 1)
+        out["factor_products"] = big["factor_products"]
     if big:
         out[f"n{big['n']}_server_total_s"] = round(big["server_s"], 3)
         out[f"n{big['n']}_add_s"] = round(big["add_s"], 3)
@@ -475,8 +517,19 @@ def summarise(scale: list[dict], lbfgs: dict | None) -> dict:
         lo, hi = by_n[min(by_n)], by_n[max(by_n)]
         out["rss_per_concept_mib"] = round((hi["peak_rss_mib"] - lo["peak_rss_mib"]) / (hi["n"] - lo["n"]), 2)
         out["rss_per_concept_source"] = f"peak RSS slope between N={lo['n']} and N={hi['n']}"
-        out["terms_mib_per_concept"] = round(hi["terms_mib"] / hi["n"], 2)
+        if real:  # the terms live in the spill files there; anonymous RSS growth within the largest run
+            out["rss_anon_per_concept_mib_within_largest"] = round(hi["rss_anon_growth_per_concept_mib"], 2)
+        else:
+            out["terms_mib_per_concept"] = round(hi["terms_mib"] / hi["n"], 2)
         out["fixed_gram_sums_mib"] = round(hi["gram_sums_mib"], 1)
+    elif real:
+        # One N: anonymous RSS (the process's own memory, not mapped file pages) after the first tenth of the
+        # concepts and after the last, sampled between concepts; the slope is the growth per concept
+        out["rss_per_concept_mib"] = round(big["rss_anon_growth_per_concept_mib"], 2)
+        out["rss_per_concept_source"] = (f"RssAnon slope between concept {big['rss_samples']['after_concept'][0]} "
+                                         f"and {big['n']}, within the one run (/proc/self/status between concepts)")
+        out[f"n{big['n']}_rss_anon_max_sampled_mib"] = round(big["rss_samples"]["anon_max_sampled_mib"], 1)
+        out[f"n{big['n']}_rss_file_max_sampled_mib"] = round(big["rss_samples"]["file_max_sampled_mib"], 1)
     elif big:
         # One N: the per-concept growth measured inside the run (intake only; the solve's outputs grow with N too)
         out["rss_per_concept_mib"] = round((big["rss_after_intake_mib"] - big["gram_sums_mib"] - big["start_rss_mib"])
@@ -616,15 +669,22 @@ def main() -> None:
         "lbfgs": lbfgs,
         "summary": summarise(scale, lbfgs),
         "notes": [
-            "server_s = add_s (validate the Gram, SG += G_i, A_i G_i, write the concept's terms to the spill folder) + "
-            "solve_s (read the terms back, factor + solve every site, outputs cast to float32); "
-            "gen_s is synthetic-data generation (the clients' work) and is excluded.",
+            ("server_s = add_s (the whole intake, see Scope) + solve_s (every stage's solve) + report_s (fusion.json's "
+             "report; per-concept residuals only up to 16 concepts); gen_s is synthetic-data generation and the wire "
+             "encoding (the clients' work) and is excluded." if args.real else
+             "server_s = add_s (validate the Gram, SG += G_i, A_i G_i, write the concept's terms to the spill folder) + "
+             "solve_s (read the terms back, factor + solve every site, outputs cast to float32); "
+             "gen_s is synthetic-data generation (the clients' work) and is excluded."),
             "Each N ran in a fresh subprocess; peak_rss_mib is that child's ru_maxrss (includes the interpreter and torch, start_rss_mib).",
-            "Scope: intake here is SiteSums.add on dense float32 Grams. mos-server does more per Gram before that: "
-            "decode_gram forms G = R^T R from the float32 triangular factor (d^3 per site), Fusion.check_stats checks it "
-            "again and factors it (check_psd, d^3/3), and Fusion keeps every received float64 Gram in memory. Measured "
-            "per 1280-wide site on one thread (CPU time): decode 47 ms, check_psd 45 ms, check_gram 9 ms, against ~7 ms "
-            "for SiteSums.add: roughly 4 CPU s per SD1.5 concept, and ~580 MiB of held Grams per concept.",
+            ("Scope (--real): mos-server's own intake. Per concept: decode_gram keeps each float32 factor packed as sent, "
+             "Fusion.check_adapter/check_stats with bounds (LoRA reach, trace(G)/rows), save_stats writes the packed "
+             "factors to the concept's state file, Fusion.add_stats reads each back, unpacks it and adds R^T R to the "
+             "site's float64 sum by blocks (float32 products at the product's eps: summary.factor_products; "
+             "solver.py 'Gram precision'), A_i G_i from the same blocks, and spills the terms. Every synthetic Gram is "
+             "full rank (rank = d: the largest factor the wire allows)." if args.real else
+             "Scope: intake here is SiteSums.add on dense float32 Grams. mos-server's intake (--real) differs: the "
+             "Grams come as float32 triangular factors, are written to the state dir and read back, and R^T R is "
+             "summed by blocks (d^3/6 multiply-adds per full-rank site)."),
             "Memory that could grow with N: the per-concept terms (B_i, A_i G_i, kept so a concept can be removed; spilled to "
             "files unless --terms-in-memory) and the fused outputs (rank 4N per layer until it reaches the dense size); "
             "the Gram sums are fixed.",
@@ -647,6 +707,11 @@ def main() -> None:
             "does) for the cross-attention k/v layers, which read text features.",
         ],
     }
+    if args.real:
+        result["notes"].append(
+            "RSS (--real): peak_rss_mib is ru_maxrss, which counts file-backed pages too (state files are read "
+            "through mmap while a Gram is unpacked); rss_samples splits /proc/self/status RssAnon (the process's own "
+            "memory) from RssFile, sampled after every concept and after the solve (samples, not peaks).")
     if args.threads != THREADS:
         result["notes"].append(
             f"Run with --threads {args.threads}, not the default {THREADS}: on this shared machine (load averages in "
