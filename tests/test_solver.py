@@ -622,6 +622,21 @@ def test_spilled_loras_come_back_as_put_and_leave_no_file_behind(tmp_path):
     assert not list((tmp_path / "l").iterdir())
 
 
+@pytest.mark.parametrize("eps,want", [(1e-2, torch.float32), (1e-3, torch.float32), (1e-4, F64), (None, F64)])
+def test_fusion_uses_float32_factor_products_only_at_a_large_fixed_eps(eps, want):
+    """The driver's choice (solver docstring, "Gram precision"): float32 RᵀR products where their rounding stays far
+    below the ridge, float64 for GCV and small ε."""
+    from mos.shared.fusion.config import FusionConfig
+    from mos.shared.fusion.driver import Fusion
+    from mos.shared.sd.sites import Site
+
+    fusion = Fusion("fp", [Site("s", 8, ("s.to_q",), (8,), 1)], FusionConfig(eps=eps))
+    try:
+        assert fusion._sums("s").factor_products == want
+    finally:
+        fusion.close()
+
+
 def test_gcv_with_too_few_rows_to_judge_damps_the_most():
     from mos.shared.fusion.solver import _GCV_EPS
 
