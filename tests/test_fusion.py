@@ -55,6 +55,20 @@ def test_recorded_grams_equal_grams_of_explicit_inputs(tiny_base, alice):
         torch.testing.assert_close(g.gram, X.T @ X, rtol=1e-10, atol=1e-10)
 
 
+def test_statistics_prompts_speak_the_bases_caption_language():
+    # on world, SD's "a photo of <c>" drew pictures without the concept, and the spatial stage was fitted to them
+    import random
+
+    from mos.shared.world import scenes as world
+
+    rng = random.Random(0)
+    vocabulary = {w.strip(",") for _ in range(3000) for w in world.random_scene(rng).caption.split()}
+    for prompt in stages.prompts_for("alice", "world"):
+        words = [w.strip(",") for w in prompt.split() if w != "<alice>"]
+        assert words and set(words) <= vocabulary, prompt
+    assert stages.prompts_for("alice", "tiny")[0] == "a photo of <alice>"  # real bases (and tiny) keep SD's
+
+
 def test_kv_statistics_read_concept_tokens_and_end_token_per_layer(tiny_base, alice):
     model = ConceptModel.from_adapter(copy.deepcopy(tiny_base), alice)
     stats = stages.kv_stats(model, "alice")
