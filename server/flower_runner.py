@@ -40,7 +40,6 @@ class Member:
 
     node: int
     name: str = ""
-    adapter: Adapter | None = None
     bytes_up: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     cache: dict[str, bool] = field(default_factory=dict)
@@ -226,7 +225,6 @@ class FlowerRunner:
                                                                                   "data_digest": cm.data_digest})
                 stats = checked_refs(decoded, self.state.save_stats(self.round, cm.name, 1, decoded))
                 del decoded
-            m.adapter = adapter
             if node in self.keys:
                 self.state.claim(cm.name, self.keys[node])
             return adapter, stats
