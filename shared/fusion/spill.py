@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from mos.shared.fusion.solver import LayerTerm
 
 
-class SpilledTerms:
-    """solver.TermStore over one folder (one per site; the caller owns and removes the folder)."""
+class _Folder:
+    """One safetensors file per concept in one folder (the caller owns and removes the folder)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -28,16 +28,11 @@ class SpilledTerms:
         self._files: dict[str, Path] = {}  # concept -> its file, in the order concepts came
         self._next = 0  # file names are numbers: concept names are not file-name safe
 
-    def put(self, concept: str, terms: dict[str, LayerTerm]) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        for layer, t in terms.items():
-            tensors[f"B/{layer}"] = t.B.contiguous()
-            tensors[f"AG/{layer}"] = t.AG.contiguous()
-            tensors[f"energy/{layer}"] = torch.tensor([t.energy], dtype=torch.float64)
+    def _write(self, concept: str, tensors: dict[str, torch.Tensor], layers: list[str]) -> None:
         path = self.folder / f"{self._next:06d}.safetensors"
         self._next += 1
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"layers": json.dumps(list(terms))})  # the layer order
+        save_file(tensors, str(tmp), metadata={"layers": json.dumps(layers)})  # the layer order
         os.replace(tmp, path)
         self.drop(concept)
         self._files[concept] = path
@@ -46,6 +41,18 @@ class SpilledTerms:
         path = self._files.pop(concept, None)
         if path is not None:
             path.unlink(missing_ok=True)
+
+
+class SpilledTerms(_Folder):
+    """solver.TermStore over one folder (one per site)."""
+
+    def put(self, concept: str, terms: dict[str, LayerTerm]) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for layer, t in terms.items():
+            tensors[f"B/{layer}"] = t.B.contiguous()
+            tensors[f"AG/{layer}"] = t.AG.contiguous()
+            tensors[f"energy/{layer}"] = torch.tensor([t.energy], dtype=torch.float64)
+        self._write(concept, tensors, list(terms))
 
     def load(self) -> dict[str, list[LayerTerm]]:
         out: dict[str, list[LayerTerm]] = {}
@@ -58,30 +65,13 @@ class SpilledTerms:
         return out
 
 
-class SpilledLoras:
+class SpilledLoras(_Folder):
     """Each concept's LoRA in a file of one folder, read when a stage's statistics are added or for the report: a
     rank-4 SD1.5 LoRA is ~5 MiB, ~0.5 GiB that memory need not hold at N = 100."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._files: dict[str, Path] = {}
-        self._next = 0
-
     def put(self, concept: str, lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         tensors = {f"{k}/{layer}": t.detach().contiguous() for layer, BA in lora.items() for k, t in zip("BA", BA)}
-        path = self.folder / f"{self._next:06d}.safetensors"
-        self._next += 1
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"layers": json.dumps(list(lora))})
-        os.replace(tmp, path)
-        self.drop(concept)
-        self._files[concept] = path
-
-    def drop(self, concept: str) -> None:
-        path = self._files.pop(concept, None)
-        if path is not None:
-            path.unlink(missing_ok=True)
+        self._write(concept, tensors, list(lora))
 
     def load(self, concept: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         with safe_open(str(self._files[concept]), framework="pt") as f:
