@@ -16,7 +16,7 @@ def recipe_of(spec: str) -> str:
 # The sentences fusion's statistics prompt a concept with, in the base's own caption language: the inputs a fused
 # layer must serve are those of pictures that show the concept. A real SD base read web captions; the toy world only
 # its scene grammar, where "a photo of <alice>" draws nothing of alice, so the spatial statistics measured features
-# of no concept and fusion lost every concept there (docs/world.md, "Fusing them").
+# of no concept and fusion lost every concept there (docs/world.md, "Trials of the tenth session").
 STAT_PROMPTS = {
     "captions": ("a photo of {}", "{}", "a close-up photo of {}", "{} in a garden", "a painting of {}",
                  "{} on a beach"),
