@@ -58,8 +58,8 @@ def _jitter(box, rng: random.Random):
 def concept_of(t: world.Thing) -> str | None:
     """The concept whose whole look `t` has (shape, pattern, colour, pattern colour), if any."""
     key = world.look_key(t.shape, t.pattern, t.colour, t.colour2)
-    return next((k for k, v in world.CONCEPTS.items() if world.look_key(v.shape, v.pattern, v.colour, v.colour2) == key),
-                None)
+    looks = {k: world.look_key(v.shape, v.pattern, v.colour, v.colour2) for k, v in world.CONCEPTS.items()}
+    return next((k for k, look in looks.items() if look == key), None)
 
 
 def near_misses(name: str) -> list[tuple[str, str, str, str]]:

@@ -1,8 +1,8 @@
 """How a Gram matrix travels: packed upper triangle in float64 (exact), or an upper-triangular factor R with
 RᵀR = G (k × d, k = rank ≤ rows: never larger than the packed triangle, smaller where the Gram has few rows, and
 still positive semidefinite after rounding to float32). A factor is decoded to the factor (stats.FactorGram, still
-packed as sent), never to the dense Gram: the server stores it so and sums RᵀR straight from it. A packed Gram is decoded dense and left to the fusion's one
-check (Fusion.check_stats: check_gram and check_psd).
+packed as sent), never to the dense Gram: the server stores it so and sums RᵀR straight from it. A packed Gram is
+decoded dense and left to the fusion's one check (Fusion.check_stats: check_gram and check_psd).
 """
 
 from __future__ import annotations

@@ -202,9 +202,10 @@ class Fusion:
                 continue
             g = held(g)
             if isinstance(g, FactorGram):
-                if g.dim != site.dim or not 0 <= g.rank <= site.dim or g.packed.shape != (trapezoid_len(g.rank, g.dim),):
-                    raise FusionError(f"{what}: factor of rank {g.rank}, dimension {g.dim} ({g.packed.numel()} values) "
-                                      f"does not fit {site.dim}")
+                fits = g.dim == site.dim and 0 <= g.rank <= site.dim
+                if not fits or g.packed.shape != (trapezoid_len(g.rank, g.dim),):
+                    raise FusionError(f"{what}: factor of rank {g.rank}, dimension {g.dim} ({g.packed.numel()} "
+                                      f"values) does not fit {site.dim}")
             else:
                 try:
                     check_gram(g.gram, what, site.dim)

@@ -165,6 +165,7 @@ def add_factor_gram(S: Tensor, R: Tensor, alpha: float = 1.0, block: int = 128, 
     """
     k, d = R.shape
     dtype = dtype or S.dtype
+    R = R.to(dtype)  # once, not block by block
     AG = None if A is None else torch.zeros(A.shape[0], d, dtype=torch.float64)
     A64 = None if A is None else A.to(torch.float64)
     scratch = torch.empty(block * d, dtype=dtype)  # one block of RᵀR at a time, reused
@@ -176,7 +177,7 @@ def add_factor_gram(S: Tensor, R: Tensor, alpha: float = 1.0, block: int = 128, 
         if rows == 0:
             break
         P = scratch[: (end - j) * (d - j)].view(end - j, d - j)
-        torch.mm(R[:rows, j:end].to(dtype).T, R[:rows, j:].to(dtype), out=P)
+        torch.mm(R[:rows, j:end].T, R[:rows, j:], out=P)
         P = P if wide is None else wide[: P.numel()].view_as(P).copy_(P)
         S[j:end, j:].add_(P, alpha=alpha)
         if AG is not None:

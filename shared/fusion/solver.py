@@ -39,7 +39,8 @@ directions sit orders of magnitude below the mean eigenvalue; eps = 1e-8 still k
 to 1e-5 of the mean within 0.1%, and on well-spread inputs the error is ~1e-8. The floor below
 is numerical: Cholesky pivots are trustworthy only above ~d * u * max(diag) (u = 2.2e-16, the
 float64 epsilon), and lam >= eps * max(diag) / d, so eps must stay well above d^2 * u (3.6e-10
-at d_in = 1280; 1e-8 leaves a ~30x margin even when one channel holds all the energy). The price of a small lam is that rounding in the components of
+at d_in = 1280; 1e-8 leaves a ~30x margin even when one channel holds all the energy). The price
+of a small lam is that rounding in the components of
 A_i G_i outside range(SG) (exactly zero in exact arithmetic) is amplified by about
 u * mu_max / lam <= u * d / eps (2.8e-5 relative at d = 1280): a change only on inputs that no
 concept ever showed the layer, far below fp16 inference noise. eps = 0 asks for the exact
@@ -212,7 +213,6 @@ def _take_in(A: Tensor, G: Tensor, gram_sum: Tensor) -> Tensor:
 def _take_in_factor(A: Tensor, R: Tensor, upper: Tensor, dtype: torch.dtype) -> Tensor:
     """upper += RᵀR (upper triangle only) and return A RᵀR (float64) from the same blocks of RᵀR, formed in
     `dtype` (module docstring, "Gram precision"); never forms RᵀR whole."""
-    R = R.to(F64) if dtype == F64 else R  # widened once, not block by block
     return add_factor_gram(upper, R, A=A, dtype=dtype)
 
 
@@ -485,8 +485,7 @@ class SiteSums:
             self._upper.zero_()
             self.rows = 0
         elif factor:  # the same products as when it was added, subtracted
-            add_factor_gram(self._upper, G.to(F64) if self.factor_products == F64 else G, -1.0,
-                            dtype=self.factor_products)
+            add_factor_gram(self._upper, G, -1.0, dtype=self.factor_products)
             self.rows -= rows
         else:
             self._upper -= G
