@@ -648,3 +648,61 @@ def test_gcv_with_too_few_rows_to_judge_damps_the_most():
     # claim 2 rows for a full-rank Gram: df > n at every candidate lam
     sol = solve_site(G, {"L": [LayerTerm(B, A @ G, energy)]}, None, rows=2)
     assert sol.eps == pytest.approx(_GCV_EPS[-1].item())
+
+
+def _fused_with_workers(workers: int, tmp_path) -> tuple[dict, dict]:
+    """Three concepts over sites of different widths, factored Grams (the wire's form), taken in and solved by
+    `workers` threads: (site -> ΣG, layer -> fused (B, A))."""
+    from mos.shared.formats.adapter import Adapter
+    from mos.shared.fusion.config import FusionConfig
+    from mos.shared.fusion.driver import Fusion
+    from mos.shared.fusion.stats import FactorGram
+    from mos.shared.sd.concepts import Concept
+    from mos.shared.sd.sites import Site
+
+    dims = {"a": 24, "b": 40, "c": 8, "d": 40}
+    sites = [Site(s, d, (f"{s}.to_q", f"{s}.to_k"), (d, 6), 1) for s, d in dims.items()]
+    fusion = Fusion("fp", sites, FusionConfig(eps=1e-2), spill=tmp_path / f"w{workers}", workers=workers)
+    try:
+        for c in range(3):
+            g = gen(100 + c)
+            lo = {l: tuple(t.float() for t in lora(o, s.dim, 2, g)) for s in sites for l, o in zip(s.layers, s.out_dims)}
+            fusion.add(Adapter("fp", [Concept(f"c{c}", "object", torch.zeros(1, 0, 8))], lo))
+            stats = {s.name: FactorGram.of(torch.linalg.qr(rows(s.dim + 5, s.dim, g)).R.float(), s.dim + 5)
+                     for s in sites}
+            fusion.add_stats(f"c{c}", stats)
+        return {s: fusion.sums[s].gram_sum for s in dims}, fusion.solve(1)
+    finally:
+        fusion.close()
+
+
+def test_fusion_with_two_workers_gives_the_same_bits_as_one(tmp_path):
+    """Sites are taken in and solved side by side, but each site's sum still takes its concepts in order."""
+    sums1, fused1 = _fused_with_workers(1, tmp_path)
+    sums2, fused2 = _fused_with_workers(2, tmp_path)
+    assert all(torch.equal(sums1[s], sums2[s]) for s in sums1)
+    assert list(fused1) == list(fused2)
+    assert all(torch.equal(fused1[l][i], fused2[l][i]) for l in fused1 for i in (0, 1))
+
+
+def test_in_parallel_keeps_order_and_raises_only_after_every_call_finished():
+    import threading
+    import time
+
+    from mos.shared.fusion.driver import in_parallel
+
+    assert in_parallel(lambda x: x * x, range(7), 2) == [x * x for x in range(7)]
+    done = []
+    lock = threading.Lock()
+
+    def work(x: int) -> int:
+        if x == 0:
+            raise ValueError("site 0")
+        time.sleep(0.01)
+        with lock:
+            done.append(x)
+        return x
+
+    with pytest.raises(ValueError, match="site 0"):
+        in_parallel(work, range(5), 2)
+    assert sorted(done) == [1, 2, 3, 4]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Iterable, Protocol, TypeVar
 
 import torch
 
@@ -60,6 +61,30 @@ RESIDUALS_UPTO = 16
 # the fused ΔW moves by ~2e-6 relative at ε = 1e-2, ~6e-5 at 1e-4 on the scale benchmark's Grams).
 FLOAT32_PRODUCTS_MIN_EPS = 1e-3
 
+# Sites are independent sums, so a concept's sites are taken in (and a stage's sites solved) by this many threads at
+# once: the block products, copies and Cholesky factorisations are torch ops that release the GIL, and each runs on
+# one intra-op thread (torch's own setting), so two workers use the two cores of the machine the intake was sized on
+# (docs/figures.md, "Fusion at scale"). Each site's sum still takes its concepts one at a time, in order: the sums
+# are the same bits as with one worker.
+WORKERS = 2
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def in_parallel(fn: Callable[[T], U], items: Iterable[T], workers: int = WORKERS) -> list[U]:
+    """[fn(x) for x in items] on `workers` threads, results in order; every call finishes before the first error
+    (if any) is raised, so the caller knows nothing is still running."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="mos-fusion") as pool:
+        futures = [pool.submit(fn, x) for x in items]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+    return [f.result() for f in futures]
+
 
 class Fusion:
     """Running sums per input site over the concepts added so far; solve per stage.
@@ -73,7 +98,7 @@ class Fusion:
     """
 
     def __init__(self, fingerprint: str, sites: list[Site], config: FusionConfig = FusionConfig(),
-                 bounds: Bounds | None = None, spill: str | Path | None = None):
+                 bounds: Bounds | None = None, spill: str | Path | None = None, workers: int = WORKERS):
         self._tmp = tempfile.TemporaryDirectory(prefix="mos-fusion-") if spill is None else None
         self.spill = Path(self._tmp.name if self._tmp else spill)
         if self._tmp is None:
@@ -94,6 +119,7 @@ class Fusion:
         self.solved: dict[int, dict[str, solver.SiteSolution]] = {}
         self.dropped: dict[str, str] = {}
         self.timings: dict[str, float] = {}
+        self.workers = workers  # threads that take in (and solve) sites side by side; module constant WORKERS
 
     # --- concepts -------------------------------------------------------------------------------------------
 
@@ -176,12 +202,21 @@ class Fusion:
         self.check_stats(name, stats)
         kept = self._kept(stats)
         lora = self._loras.load(name)
-        for site_name, g in stats.items():
-            g = held(g)
+        for site_name in stats:
+            self._sums(site_name)  # created here, not by the workers
+
+        def add_site(site_name: str) -> None:
+            g = held(stats[site_name])
             loras = {l: lora[l] for l in self.sites[site_name].layers if l in lora}
             G, factor = as_summed(g)  # a dense Gram was checked once, in check_stats (or before its file was marked)
-            self._sums(site_name).add(name, G, g.rows, loras, factor=factor, checked=True)
-            self.stats[name][site_name] = kept[site_name]
+            self.sums[site_name].add(name, G, g.rows, loras, factor=factor, checked=True)
+
+        try:  # largest sites first: the workers finish together
+            in_parallel(add_site, sorted(stats, key=lambda s: -self.sites[s].dim), self.workers)
+        finally:  # where a site failed, the others are in their sums: record them, as one at a time did
+            for site_name in stats:
+                if name in self.sums[site_name].concepts:
+                    self.stats[name][site_name] = kept[site_name]
 
     def check_stats(self, name: str, stats: Stats | dict[str, StoredGram]) -> None:
         """Everything `add_stats` requires, changing nothing, once per Gram: the Gram check and XᵀX's
@@ -250,8 +285,10 @@ class Fusion:
             if missing:
                 raise FusionError(f"concept {missing[0][0]!r} sent no statistics for {missing[0][1]} "
                                   f"({len(missing)} site(s) missing)")
-            self.solved[stage] = {s.name: _float32(self.sums[s.name].solve(self.config.eps)) for s in sites
-                                  if s.name in self.sums}
+            names = [s.name for s in sorted(sites, key=lambda s: -s.dim) if s.name in self.sums]
+            solved = dict(zip(names, in_parallel(lambda n: _float32(self.sums[n].solve(self.config.eps)), names,
+                                                 self.workers)))
+            self.solved[stage] = {s.name: solved[s.name] for s in sites if s.name in self.sums}
             out = {l: BA for sol in self.solved[stage].values() for l, BA in sol.loras.items()}
         self.timings[f"stage{stage}_solve_s"] = time.perf_counter() - t0
         self.check_result(out)
