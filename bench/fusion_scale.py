@@ -42,6 +42,7 @@ TEXT_DIM = 768
 LBFGS_ITERS = {"spatial": 50, "cross_kv": 500, "text": 500}
 TARGETS = {"n100_server_total_s": 60.0, "n100_peak_rss_mib": 2048, "rss_flat_in_n": True, "lbfgs_speedup": 100.0}
 EPS = FusionConfig().eps  # the product's default ridge; --eps changes it (None: λ per site by GCV)
+WORKERS = None  # --workers: threads of the fusion's intake and solve (None: mos-server's own, driver.WORKERS)
 
 # --------------------------------------------------------------------------- model dimensions
 
@@ -282,7 +283,8 @@ def run_real(n: int, sites: list[dict], folder: str) -> dict:
                  s.get("stage") or (1 if layer_kind(s["site"]) == "text" else 2 if layer_kind(s["site"]) == "cross_kv"
                                     else 3)) for s in sites]
     state = Path(folder)
-    fusion = Fusion("bench", objs, FusionConfig(eps=EPS), _bench_bounds(sites), spill=state / ".fusion")
+    workers = {} if WORKERS is None else {"workers": WORKERS}
+    fusion = Fusion("bench", objs, FusionConfig(eps=EPS), _bench_bounds(sites), spill=state / ".fusion", **workers)
     gen_s = intake_s = intake_cpu_s = 0.0
     per_concept, rss = [], []
     for c in range(n):
@@ -349,6 +351,7 @@ def run_real(n: int, sites: list[dict], folder: str) -> dict:
         "residual_median": res[len(res) // 2] if res else None, "residuals_skipped": report["residuals_skipped"],
         "paths": dict(Counter(report["solve_path"].values())), "dense_layers": 0,
         "factor_products": str(fusion.sums[next(iter(fusion.sums))].factor_products).removeprefix("torch."),
+        "fusion_workers": fusion.workers,
     }
 
 
@@ -505,6 +508,7 @@ def summarise(scale: list[dict], lbfgs: dict | None) -> dict:
         out[f"n{big['n']}_state_disk_mib"] = round(big["state_disk_mib"], 1)
         out["state_stats_mib_per_concept"] = round(big["state_stats_mib_per_concept"], 1)
         out["factor_products"] = big["factor_products"]
+        out["fusion_workers"] = big.get("fusion_workers")
     if big:
         out[f"n{big['n']}_server_total_s"] = round(big["server_s"], 3)
         out[f"n{big['n']}_add_s"] = round(big["add_s"], 3)
@@ -592,12 +596,14 @@ def main() -> None:
     ap.add_argument("--real", action="store_true",
                     help="mos-server's intake path: wire-encoded Grams, decode -> check -> state file -> Fusion")
     ap.add_argument("--spill-dir", default=None, help="where the temporary state/spill folder goes (default: TMPDIR)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="--real: the fusion's worker threads (default: mos-server's, 2; torch threads stay --threads)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sites-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    global EPS
-    EPS = args.eps
+    global EPS, WORKERS
+    EPS, WORKERS = args.eps, args.workers
 
     if args.child is not None:
         sites = json.loads(Path(args.sites_file).read_text())
@@ -630,7 +636,8 @@ def main() -> None:
                    "--residual-upto", str(args.residual_upto), "--threads", str(args.threads),
                    "--gram-dtype", args.gram_dtype, "--eps", "gcv" if EPS is None else repr(EPS)] + (
                        ["--terms-in-memory"] if args.terms_in_memory else []) + (["--real"] if args.real else []) + (
-                       ["--spill-dir", args.spill_dir] if args.spill_dir else [])
+                       ["--spill-dir", args.spill_dir] if args.spill_dir else []) + (
+                       ["--workers", str(args.workers)] if args.workers is not None else [])
             env = {**os.environ, **child_env(args)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:

@@ -689,7 +689,7 @@ def test_in_parallel_keeps_order_and_raises_only_after_every_call_finished():
     import threading
     import time
 
-    from mos.shared.fusion.driver import in_parallel
+    from mos.shared.fusion.workers import in_parallel
 
     assert in_parallel(lambda x: x * x, range(7), 2) == [x * x for x in range(7)]
     done = []

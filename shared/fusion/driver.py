@@ -10,10 +10,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, TypeVar
+from typing import Protocol
 
 import torch
 
@@ -25,6 +24,7 @@ from mos.shared.fusion.gram import check_gram, check_psd, trapezoid_len
 from mos.shared.fusion.spill import SpilledLoras, SpilledTerms
 from mos.shared.fusion.stats import FactorGram, Stats, as_summed, gram_trace
 from mos.shared.fusion.stats_file import StoredGram, held, load_stats, save_stats
+from mos.shared.fusion.workers import WORKERS, in_parallel
 from mos.shared.sd.base import check_same_base
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.lora import Lora
@@ -60,30 +60,6 @@ RESIDUALS_UPTO = 16
 # Factored Grams are summed with float32 RᵀR products at a fixed ε of at least this (solver.py, "Gram precision":
 # the fused ΔW moves by ~2e-6 relative at ε = 1e-2, ~6e-5 at 1e-4 on the scale benchmark's Grams).
 FLOAT32_PRODUCTS_MIN_EPS = 1e-3
-
-# Sites are independent sums, so a concept's sites are taken in (and a stage's sites solved) by this many threads at
-# once: the block products, copies and Cholesky factorisations are torch ops that release the GIL, and each runs on
-# one intra-op thread (torch's own setting), so two workers use the two cores of the machine the intake was sized on
-# (docs/figures.md, "Fusion at scale"). Each site's sum still takes its concepts one at a time, in order: the sums
-# are the same bits as with one worker.
-WORKERS = 2
-
-T = TypeVar("T")
-U = TypeVar("U")
-
-
-def in_parallel(fn: Callable[[T], U], items: Iterable[T], workers: int = WORKERS) -> list[U]:
-    """[fn(x) for x in items] on `workers` threads, results in order; every call finishes before the first error
-    (if any) is raised, so the caller knows nothing is still running."""
-    items = list(items)
-    if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="mos-fusion") as pool:
-        futures = [pool.submit(fn, x) for x in items]
-    errors = [f.exception() for f in futures if f.exception() is not None]
-    if errors:
-        raise errors[0]
-    return [f.result() for f in futures]
 
 
 class Fusion:
