@@ -133,6 +133,8 @@ def main() -> None:
                    help="chance that a world object is striped, checked or dotted (said in its caption)")
     p.add_argument("--partial", type=float, default=0.0,
                    help="chance that a two-object scene's caption names only one of them")
+    p.add_argument("--unplaced", type=float, default=0.0,
+                   help="chance that such a partial caption also leaves out the named object's place")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     p.add_argument("--total-minutes", type=float, default=0.0,
                    help="end phase 2 this long after the start, however long phase 1 took (0: no cap)")
@@ -167,7 +169,7 @@ def main() -> None:
         unet = UNet2DConditionModel(**cfg["unet"])
     dev = torch.device(args.device)
     vae, te, unet = vae.to(dev), te.to(dev), unet.to(dev)
-    mix = {"patterned": args.patterned, "partial": args.partial}
+    mix = {"patterned": args.patterned, "partial": args.partial, "unplaced": args.unplaced}
     lat, ids, captions = encode_dataset(vae, tokenizer, args.scenes, args.seed + 1, args.workers, dev, mix)
     scale = before.get("vae_scaling_factor") or float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scale)

@@ -191,13 +191,15 @@ def caption(scene: Scene, object_words: list[str | None] | None = None) -> str:
     return text
 
 
-def random_scene(rng: random.Random, n_things: int | None = None, patterned: float = 0.0, partial: float = 0.0
-                 ) -> Scene:
+def random_scene(rng: random.Random, n_things: int | None = None, patterned: float = 0.0, partial: float = 0.0,
+                 unplaced: float = 0.0) -> Scene:
     """One captioned scene of the world's own objects; each is patterned (stripes, checks or dots in a second
     colour, said in the caption) with probability `patterned`. With probability `partial` the caption of a
     two-object scene names only one of them, as real captions leave things out: a base trained only on complete
     captions reads "a red square" as "a red square and nothing else", and regional sampling, whose region prompts
-    each name one object, then draws one object in all. The concepts' shapes never appear."""
+    each name one object, then draws one object in all. With probability `unplaced` such a caption also leaves out
+    where the named object is ("a red square"), which is how a region prompt reads. The concepts' shapes never
+    appear."""
     n = n_things or (1 if rng.random() < 0.6 else 2)
     positions = [rng.choice(list(POSITIONS))] if n == 1 else list(rng.choice(PAIRS))
     if n == 2 and rng.random() < 0.5:
@@ -216,6 +218,8 @@ def random_scene(rng: random.Random, n_things: int | None = None, patterned: flo
     scene = Scene(things, rng.choice(list(BACKGROUNDS)), said=said)
     if n == 2 and partial and rng.random() < partial:  # no draws at 0, as above
         said["only"] = rng.randrange(2)
+        if unplaced and rng.random() < unplaced:
+            said["position"] = False
     scene.caption = caption(scene)
     return scene
 
