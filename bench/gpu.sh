@@ -11,6 +11,7 @@
 #   bash bench/gpu.sh [--quick] [OUT_DIR]        (default OUT_DIR: bench/results/gpu)
 #   PARTS="step stats" bash bench/gpu.sh         (a subset of: step stats regional round)
 #   PYTHON=/path/to/python bash bench/gpu.sh     (default: python; the package must be installed there)
+#   LIMITS="step:60 stats:50 regional:50 round:150" bash bench/gpu.sh   (each part's time limit in seconds)
 # Writes OUT_DIR/<part>.json, OUT_DIR/<part>.log and OUT_DIR/gpu.json (every part's JSON and a summary).
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -40,6 +41,7 @@ else
   round=(--ns 2 --base tiny --device cpu --tune-steps 2 --sample-steps 2)
   limits=(step:120 stats:60 regional:60 round:300)
 fi
+if [ -n "${LIMITS:-}" ]; then read -ra limits <<< "$LIMITS"; fi
 limit() { for l in "${limits[@]}"; do [ "${l%%:*}" = "$1" ] && echo "${l##*:}"; done; }
 
 status=0
