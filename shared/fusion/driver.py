@@ -22,7 +22,7 @@ from mos.shared.fusion.bounds import Bounds, BoundsError
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.gram import check_gram, check_psd, trapezoid_len
 from mos.shared.fusion.spill import SpilledLoras, SpilledTerms
-from mos.shared.fusion.stats import FactorGram, Stats, as_summed, gram_trace
+from mos.shared.fusion.stats import FactorGram, Gram, Stats, as_summed, gram_trace
 from mos.shared.fusion.stats_file import StoredGram, held, load_stats, save_stats
 from mos.shared.fusion.workers import WORKERS, in_parallel
 from mos.shared.sd.base import check_same_base
@@ -200,31 +200,36 @@ class Fusion:
         default) skips the first two: RᵀR is symmetric and positive semidefinite by construction, and the wire
         checked R finite. A file reference marked checked was checked before it was written."""
         added = self.stats.get(name, {})
-        for site_name, g in stats.items():
-            site = self.sites.get(site_name)
-            what = f"concept {name!r}, site {site_name}"
-            if site is None:
-                raise FusionError(f"concept {name!r}: statistics for unknown site {site_name}")
-            if site_name in added:
-                raise FusionError(f"concept {name!r}: statistics for {site_name} sent twice")
-            if g.rows <= 0:
-                raise FusionError(f"{what}: zero rows")
-            if isinstance(g, StoredGram) and g.checked:
-                continue
-            g = held(g)
-            if isinstance(g, FactorGram):
-                fits = g.dim == site.dim and 0 <= g.rank <= site.dim
-                if not fits or g.packed.shape != (trapezoid_len(g.rank, g.dim),):
-                    raise FusionError(f"{what}: factor of rank {g.rank}, dimension {g.dim} ({g.packed.numel()} "
-                                      f"values) does not fit {site.dim}")
-            else:
-                try:
-                    check_gram(g.gram, what, site.dim)
-                    check_psd(g.gram, f"Gram for {what}")
-                except ValueError as e:
-                    raise FusionError(str(e)) from None
-            if self.bounds is not None:
-                _bounded(self.bounds.check_power, f"concept {name!r}", site_name, gram_trace(g), g.rows)
+        # the sites side by side (the dense checks and the traces release the GIL); the first bad site in order is
+        # the error raised, as one at a time
+        in_parallel(lambda site_name: self._check_site(name, site_name, stats[site_name], added), list(stats),
+                    self.workers)
+
+    def _check_site(self, name: str, site_name: str, g: Gram | FactorGram | StoredGram, added: dict) -> None:
+        site = self.sites.get(site_name)
+        what = f"concept {name!r}, site {site_name}"
+        if site is None:
+            raise FusionError(f"concept {name!r}: statistics for unknown site {site_name}")
+        if site_name in added:
+            raise FusionError(f"concept {name!r}: statistics for {site_name} sent twice")
+        if g.rows <= 0:
+            raise FusionError(f"{what}: zero rows")
+        if isinstance(g, StoredGram) and g.checked:
+            return
+        g = held(g)
+        if isinstance(g, FactorGram):
+            fits = g.dim == site.dim and 0 <= g.rank <= site.dim
+            if not fits or g.packed.shape != (trapezoid_len(g.rank, g.dim),):
+                raise FusionError(f"{what}: factor of rank {g.rank}, dimension {g.dim} ({g.packed.numel()} "
+                                  f"values) does not fit {site.dim}")
+        else:
+            try:
+                check_gram(g.gram, what, site.dim)
+                check_psd(g.gram, f"Gram for {what}")
+            except ValueError as e:
+                raise FusionError(str(e)) from None
+        if self.bounds is not None:
+            _bounded(self.bounds.check_power, f"concept {name!r}", site_name, gram_trace(g), g.rows)
 
     def forget_stage(self, stage: int) -> None:
         """Take every concept's statistics of one stage's sites out of the sums (they were computed with fused
