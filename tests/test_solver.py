@@ -706,3 +706,17 @@ def test_in_parallel_keeps_order_and_raises_only_after_every_call_finished():
     with pytest.raises(ValueError, match="site 0"):
         in_parallel(work, range(5), 2)
     assert sorted(done) == [1, 2, 3, 4]
+
+
+def test_default_workers_fill_the_cores_torch_leaves_idle(monkeypatch):
+    from mos.shared.fusion import workers
+
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert workers.default_workers() == 2
+        torch.set_num_threads(2)
+        assert workers.default_workers() == 1
+    finally:
+        torch.set_num_threads(threads)

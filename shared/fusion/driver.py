@@ -24,7 +24,7 @@ from mos.shared.fusion.gram import check_gram, check_psd, trapezoid_len
 from mos.shared.fusion.spill import SpilledLoras, SpilledTerms
 from mos.shared.fusion.stats import FactorGram, Gram, Stats, as_summed, gram_trace
 from mos.shared.fusion.stats_file import StoredGram, held, load_stats, save_stats
-from mos.shared.fusion.workers import WORKERS, in_parallel
+from mos.shared.fusion.workers import default_workers, in_parallel
 from mos.shared.sd.base import check_same_base
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.lora import Lora
@@ -74,7 +74,7 @@ class Fusion:
     """
 
     def __init__(self, fingerprint: str, sites: list[Site], config: FusionConfig = FusionConfig(),
-                 bounds: Bounds | None = None, spill: str | Path | None = None, workers: int = WORKERS):
+                 bounds: Bounds | None = None, spill: str | Path | None = None, workers: int | None = None):
         self._tmp = tempfile.TemporaryDirectory(prefix="mos-fusion-") if spill is None else None
         self.spill = Path(self._tmp.name if self._tmp else spill)
         if self._tmp is None:
@@ -95,7 +95,12 @@ class Fusion:
         self.solved: dict[int, dict[str, solver.SiteSolution]] = {}
         self.dropped: dict[str, str] = {}
         self.timings: dict[str, float] = {}
-        self.workers = workers  # threads that take in (and solve) sites side by side; module constant WORKERS
+        self._workers = workers  # None: workers.default_workers(), asked each time (torch's threads may change)
+
+    @property
+    def workers(self) -> int:
+        """Threads that check, take in and solve sites side by side."""
+        return default_workers() if self._workers is None else self._workers
 
     # --- concepts -------------------------------------------------------------------------------------------
 

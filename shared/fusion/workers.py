@@ -1,26 +1,37 @@
-"""The fusion's worker threads: sites summed and solved side by side (driver.py), a statistics file written by
-several threads (tensor_file.py)."""
+"""The fusion's worker threads: a concept's sites checked and summed, and a stage's sites solved, side by side
+(driver.Fusion)."""
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
-# Sites are independent sums, so a concept's sites are taken in (and a stage's sites solved) by this many threads at
-# once: the block products, copies and Cholesky factorisations are torch ops that release the GIL, and each runs on
-# one intra-op thread (torch's own setting), so two workers use the two cores of the machine the intake was sized on
-# (docs/figures.md, "Fusion at scale"). Each site's sum still takes its concepts one at a time, in order: the sums
-# are the same bits as with one worker.
+import torch
+
+# Sites are independent sums, so a concept's sites are taken in (and a stage's sites solved) by up to this many
+# threads at once: the block products, copies, file writes and Cholesky factorisations release the GIL. Each site's
+# sum still takes its concepts one at a time, in order: the sums are the same bits as with one worker.
 WORKERS = 2
+
+
+def default_workers() -> int:
+    """The cores torch's own intra-op threads leave idle, up to WORKERS: 2 on the 2-core machine the intake was
+    sized on with one torch thread (docs/figures.md, "Fusion at scale"); 1 where torch already spreads each op over
+    every core (threads beyond the cores only compete for them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(WORKERS, cores // max(1, torch.get_num_threads())))
+
 
 T = TypeVar("T")
 U = TypeVar("U")
 
 
-def in_parallel(fn: Callable[[T], U], items: Iterable[T], workers: int = WORKERS) -> list[U]:
-    """[fn(x) for x in items] on `workers` threads, results in order; every call finishes before the first error
-    (if any) is raised, so the caller knows nothing is still running."""
+def in_parallel(fn: Callable[[T], U], items: Iterable[T], workers: int | None = None) -> list[U]:
+    """[fn(x) for x in items] on `workers` threads (None: default_workers()), results in order; every call finishes
+    before the first error (if any) is raised, so the caller knows nothing is still running."""
     items = list(items)
+    workers = default_workers() if workers is None else workers
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="mos-fusion") as pool:
