@@ -42,7 +42,7 @@ TEXT_DIM = 768
 LBFGS_ITERS = {"spatial": 50, "cross_kv": 500, "text": 500}
 TARGETS = {"n100_server_total_s": 60.0, "n100_peak_rss_mib": 2048, "rss_flat_in_n": True, "lbfgs_speedup": 100.0}
 EPS = FusionConfig().eps  # the product's default ridge; --eps changes it (None: λ per site by GCV)
-WORKERS = None  # --workers: threads of the fusion's intake and solve (None: mos-server's own, driver.WORKERS)
+WORKERS = None  # --workers: threads of the fusion's intake and solve (None: as mos-server, default_workers())
 
 # --------------------------------------------------------------------------- model dimensions
 
@@ -597,7 +597,8 @@ def main() -> None:
                     help="mos-server's intake path: wire-encoded Grams, decode -> check -> state file -> Fusion")
     ap.add_argument("--spill-dir", default=None, help="where the temporary state/spill folder goes (default: TMPDIR)")
     ap.add_argument("--workers", type=int, default=None,
-                    help="--real: the fusion's worker threads (default: mos-server's, 2; torch threads stay --threads)")
+                    help="--real: the fusion's worker threads (default: as mos-server, the cores --threads leaves idle, "
+                         "at most 2)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sites-file", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
