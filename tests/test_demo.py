@@ -30,6 +30,8 @@ def test_demo_round_on_the_world_base(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert Image.open(out / "together.png").size == (64, 64)
     assert (out / "together_layout.png").is_file()
+    sketch = json.loads((out / "together.json").read_text())["t2i"]["conditions"]["sketch"]  # the layout adapter
+    assert sketch["image"].endswith("together_sketch.png") and sketch["adapter"].endswith("world/layout")
     report = json.loads((out / "server" / "round-1" / "fusion.json").read_text())
     assert report["config"]["placement"] == "wide" and [c["name"] for c in report["concepts"]] == ["alice", "bob"]
     convs = [s for s in report["residuals"]["alice"] if ".resnets." in s]

@@ -106,6 +106,9 @@ def test_plain_sampling_without_adapter(workdir):
     (["--region", "a||0,0,1,1"], "no prompt"),
     (["--prompt", "x", "--out", "x.txt"], "image name"),
     (["--prompt", "x", "--size", "60x64"], "multiple of 8"),
+    (["--prompt", "x", "--fill-boxes"], "give --region"),
+    (["--prompt", "x", "--region", "<alice>||0,0,1,1", "--fill-boxes"], "base tiny ships no layout adapter"),
+    (["--prompt", "x", "--region", "<alice>||0,0,1,1", "--fill-boxes", "--sketch", "SKETCH48"], "drop --sketch"),
 ])
 def test_bad_input_is_one_clear_line(workdir, capsys, extra, message):
     from mos.shared.commands.mos import main
@@ -200,3 +203,30 @@ def test_each_t2i_condition_has_its_own_weight_per_region():
             continue
         assert torch.allclose(r[..., :half], 0.8 * k[..., :half], atol=1e-5)
         assert torch.allclose(r[..., half:], 0.5 * s[..., half:] + 0.8 * k[..., half:], atol=1e-5)
+
+
+def test_fill_boxes_draws_a_disc_in_each_box_and_its_record_redraws_the_image(tmp_path):
+    # the world base ships a layout adapter; --fill-boxes turns the region boxes into its sketch, written beside the
+    # picture, so the record's command redraws the same image without the flag
+    from mos.shared.commands.mos import main
+
+    out = tmp_path / "duo.png"
+    argv = ["sample", "--base", "world", "--prompt", "a red square on the left and a blue circle on the right",
+            "--region", "a red square||0,0,0.5,1", "--region", "a blue circle||0.5,0,1,1", "--steps", "6",
+            "--seed", "3", "--quiet"]
+    assert main([*argv, "--fill-boxes", "--out", str(out)]) == 0
+    sketch = np.asarray(Image.open(tmp_path / "duo_sketch.png"))
+    assert sketch.shape == (64, 64) and set(np.unique(sketch)) <= {0, 255}
+    left, right = sketch[:, :32] > 0, sketch[:, 32:] > 0
+    assert left.sum() == right.sum() > 300 and not sketch[:, 30:34].any()  # one disc a half, clear of the line
+    rec = json.loads(out.with_suffix(".json").read_text())
+    cond = rec["t2i"]["conditions"]["sketch"]
+    assert cond["image"] == str(tmp_path / "duo_sketch.png") and rec["t2i"]["weights"]["sketch"] == 2.0
+    again = tmp_path / "again.png"
+    assert main([*argv, "--t2i-adapter", f"sketch={cond['adapter']}", "--sketch", cond["image"],
+                 "--sketch-weight", "2", "--out", str(again)]) == 0
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (out, again))
+    assert np.abs(a - b).max() <= 1
+    plain = tmp_path / "plain.png"
+    assert main([*argv, "--out", str(plain)]) == 0
+    assert np.abs(a - np.asarray(Image.open(plain), dtype=np.int16)).max() > 20  # the condition did something

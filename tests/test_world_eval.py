@@ -101,6 +101,22 @@ def test_world_base_draws_the_shape_colour_and_place_a_prompt_names(tmp_path):
     assert we.prompt_following(ConceptModel(load_base("world")), judge_mod.Judge(), s) >= 0.75
 
 
+@pytest.mark.skipif(not judge_mod.WEIGHTS.is_file(), reason="judge weights not trained (scripts/train_judge.py)")
+def test_layout_adapter_puts_two_named_objects_each_in_its_half(tmp_path):
+    # region prompts say what each half holds, not that something is drawn there: the world base then draws one
+    # object, or two where it likes (1 of 16 right in the eleventh session); with its layout adapter asking for a
+    # disc in each half, 11 of 16 (docs/world.md). The first 8 of those pictures:
+    from mos.client.evaluation import world as we
+    from mos.shared.sd.base import load_base
+    from mos.shared.sd.model import ConceptModel
+
+    s = we.Settings(DATA, tmp_path, images=8)
+    model, judge = ConceptModel(load_base("world")), judge_mod.Judge()
+    with_layout = we.object_binding(model, judge, s, regional=True)
+    prompts_only = we.object_binding(model, judge, s, regional=True, layout=False)
+    assert with_layout >= 0.5 and with_layout > prompts_only + 0.25, (with_layout, prompts_only)
+
+
 def test_eval_world_cli_refuses_missing_concept_folder(tmp_path):
     proc = run_cli("mos", "eval", "world", "--data", str(tmp_path), "--base", "tiny", check=False)
     assert proc.returncode != 0 and "no concept folder" in proc.stderr

@@ -30,6 +30,7 @@ from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.sampling.layout import Region
 from mos.shared.sampling.regional import sample_regional
+from mos.shared.sampling.t2i import attached, layout_residuals
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
 from mos.shared.world import scenes as world
@@ -146,13 +147,22 @@ def fused(s: Settings, base: Base, owns: list[Adapter], method: str, one_shot: b
     return result
 
 
-def pair(model: ConceptModel, judge: Judge, left: str, right: str, regional: bool, seed: int, s: Settings
-         ) -> tuple[Image.Image, list[dict]]:
+def draw(model: ConceptModel, prompt: str, regions: list[Region] | tuple, seed: int, s: Settings, layout: bool
+         ) -> Image.Image:
+    """One picture; with regions and `layout`, regional sampling as Mix-of-Show does it: the region prompts plus
+    a spatial condition, here the base's layout adapter asking for one object in each box (where it ships one)."""
+    size = (model.base.resolution, model.base.resolution)
+    res = layout_residuals(model.base, [r.box for r in regions], size) if layout else []
+    with attached(model.base.unet, res):
+        return sample_regional(model, prompt, regions=regions, seed=seed, steps=s.sample_steps, progress=False)
+
+
+def pair(model: ConceptModel, judge: Judge, left: str, right: str, regional: bool, seed: int, s: Settings,
+         layout: bool = True) -> tuple[Image.Image, list[dict]]:
     """A picture of `left` on the left and `right` on the right (regional: each phrase in its half), and what the
     judge sees in each half."""
     regions = [Region(left, box=HALVES["left"]), Region(right, box=HALVES["right"])] if regional else ()
-    img = sample_regional(model, f"{left} on the left and {right} on the right", regions=regions, seed=seed,
-                          steps=s.sample_steps, progress=False)
+    img = draw(model, f"{left} on the left and {right} on the right", regions, seed, s, layout)
     return img, judge(img, [box("left"), box("right")])
 
 
@@ -171,22 +181,25 @@ def prompt_following(model: ConceptModel, judge: Judge, s: Settings) -> float:
     return hits / s.images
 
 
-def object_binding(model: ConceptModel, judge: Judge, s: Settings, regional: bool) -> float:
+def object_binding(model: ConceptModel, judge: Judge, s: Settings, regional: bool, layout: bool = True) -> float:
     """How often two named objects both keep their shape and colour, each in its own half."""
     colours, hits = list(world.COLOURS), 0
     for i in range(s.images):
         objects = [(colours[(2 * i + k) % len(colours)], world.SHAPES[(i + 1 + 2 * k) % len(world.SHAPES)])
                    for k in (0, 1)]
-        _, got = pair(model, judge, *(f"a {c} {sh}" for c, sh in objects), regional, s.seed + 400 + i, s)
+        _, got = pair(model, judge, *(f"a {c} {sh}" for c, sh in objects), regional, s.seed + 400 + i, s, layout)
         hits += all(g["object"] == sh and g["colour"] == c for g, (c, sh) in zip(got, objects))
     return hits / s.images
 
 
 def base_rates(base: Base, judge: Judge, s: Settings) -> dict:
-    """Part 0, the base alone before any concept: prompt following, and two-object binding plain vs regional."""
+    """Part 0, the base alone before any concept: prompt following, and two-object binding with the plain prompt,
+    with regional sampling, and with the region prompts alone (no layout condition)."""
     model = ConceptModel(base)
     return {"prompt_following": prompt_following(model, judge, s),
-            "binding": {mode: object_binding(model, judge, s, mode == "regional") for mode in ("plain", "regional")}}
+            "binding": {"plain": object_binding(model, judge, s, False),
+                        "regional": object_binding(model, judge, s, True),
+                        "regional_prompts_only": object_binding(model, judge, s, True, layout=False)}}
 
 
 def together(model: ConceptModel, judge: Judge, names: list[str], regional: bool, seed: int, s: Settings
@@ -195,7 +208,7 @@ def together(model: ConceptModel, judge: Judge, names: list[str], regional: bool
     boxes = THIRDS if len(names) == 3 else tuple(HALVES.values())[: len(names)]
     regions = [Region(f"a <{n}>", box=b) for n, b in zip(names, boxes)] if regional else ()
     prompt = ", ".join(f"a <{n}>" for n in names[:-1]) + f" and a <{names[-1]}>"
-    img = sample_regional(model, prompt, regions=regions, seed=seed, steps=s.sample_steps, progress=False)
+    img = draw(model, prompt, regions, seed, s, layout=True)
     return img, all(g["object"] == n for g, n in zip(judge(img, list(boxes)), names))
 
 
@@ -296,7 +309,8 @@ def _mean_relative(per: dict) -> float:
 def table(r: dict) -> str:
     b = r["base_alone"]
     lines = [f"0. the base alone: prompt following {b['prompt_following']:.2f}; two objects bound: "
-             f"plain prompt {b['binding']['plain']:.2f}, regional {b['binding']['regional']:.2f}"]
+             f"plain prompt {b['binding']['plain']:.2f}, regional {b['binding']['regional']:.2f} "
+             f"(region prompts alone {b['binding']['regional_prompts_only']:.2f})"]
     if "single" not in r:
         return "\n".join(lines)
     ceiling = r.get("ceiling", {})

@@ -68,6 +68,10 @@ def register(sub) -> None:
                    "--t2i-weight; the paper pairs keypose 0.8 with sketch 0.5)")
     t.add_argument("--keypose-weight", type=float, default=None, help="the keypose condition's weight (default: "
                    "--t2i-weight)")
+    t.add_argument("--fill-boxes", action="store_true",
+                   help="ask for one object in each region box: draws <name>_sketch.png (a disc in each box) and "
+                        "uses it as the sketch condition with the base's own layout adapter (the world base ships "
+                        "one); its weight is --sketch-weight, default the one the adapter was measured at (2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_base_options(p)
     p.set_defaults(run=run)
@@ -112,6 +116,38 @@ def t2i_paths(args) -> dict[str, tuple[str, str]]:
             raise ValueError(f"--{kind} has no adapter: pass --t2i-adapter {kind}=PATH")
         out[kind] = (path, image)
     return out
+
+
+def check_fill_boxes(args, regions: list) -> Path | None:
+    """With --fill-boxes: the base's layout adapter folder, after checking the flag fits the other inputs."""
+    if not args.fill_boxes:
+        return None
+    from mos.shared.sd.base import layout_adapter_folder
+
+    if not regions:
+        raise ValueError("--fill-boxes draws one object in each region box: give --region (or a --layout file)")
+    if args.sketch or args.t2i_adapter:
+        raise ValueError("--fill-boxes makes the sketch condition itself: drop --sketch / --t2i-adapter, or "
+                         "drop --fill-boxes")
+    folder = layout_adapter_folder(args.base)
+    if folder is None:
+        raise ValueError(f"--fill-boxes: base {args.base} ships no layout adapter (only world does); pass "
+                         "--t2i-adapter sketch=PATH --sketch IMG with an adapter trained for it")
+    return folder
+
+
+def use_fill_boxes(args, folder: Path, regions: list, size: tuple[int, int], image_path: Path) -> dict:
+    """Draw the disc sketch beside the output and make it an ordinary sketch condition (so the record's
+    reproduce command needs no --fill-boxes)."""
+    from mos.shared.sampling.t2i import FILL_WEIGHT, disc_box, layout_image
+
+    sketch = image_path.with_name(image_path.stem + "_sketch.png")
+    sketch.parent.mkdir(parents=True, exist_ok=True)
+    layout_image([disc_box(r.box, size) for r in regions], size).save(sketch)
+    args.t2i_adapter, args.sketch = [f"sketch={folder}"], str(sketch)
+    if args.sketch_weight is None:
+        args.sketch_weight = FILL_WEIGHT
+    return t2i_paths(args)
 
 
 def condition_weights(args) -> dict[str, float]:
@@ -203,6 +239,7 @@ def run(args) -> int:
     # everything that needs no model is checked first
     check_numbers(args)
     prompt, negative, regions, size = gather(args)
+    layout_folder = check_fill_boxes(args, regions)
     conditions = t2i_paths(args)
     outs = out_paths(args.out)
 
@@ -228,6 +265,8 @@ def run(args) -> int:
     if size[0] % base.vae_scale or size[1] % base.vae_scale:
         raise ValueError(f"--size {size[0]}x{size[1]} must be a multiple of {base.vae_scale}")
     regions = [r.fractions(size) for r in regions]
+    if layout_folder is not None:
+        conditions = use_fill_boxes(args, layout_folder, regions, size, outs[0])
     res = t2i.weighted_residuals(conditions, base, size, regions, condition_weights(args))
 
     model = ConceptModel.from_adapter(base, adapter) if adapter else ConceptModel(base)

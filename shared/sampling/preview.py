@@ -12,6 +12,7 @@ from mos.shared.formats.adapter import Adapter
 from mos.shared.sampling.denoise import sample
 from mos.shared.sampling.layout import Region
 from mos.shared.sampling.regional import sample_regional
+from mos.shared.sampling.t2i import attached, layout_residuals
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
 
@@ -37,7 +38,10 @@ def write_preview(base: Base, adapter: Adapter, path: str | Path, first: str | N
     images = sample(model, prompts_for(adapter, first), seed=seed, steps=steps, progress=False)
     if len(adapter.concepts) > 1:
         prompt, regions = layout_for(adapter)
-        images.append(sample_regional(model, prompt, regions=regions, seed=seed, steps=steps, progress=False))
+        # the base's layout adapter, where it ships one, asks for one object in each strip (docs/design.md)
+        res = layout_residuals(model.base, [r.box for r in regions], (images[0].width, images[0].height))
+        with attached(model.base.unet, res):
+            images.append(sample_regional(model, prompt, regions=regions, seed=seed, steps=steps, progress=False))
     scale = max(1, -(-192 // images[0].width))  # toy bases draw 64 px: enlarge so a person can see them
     images = [im.resize((im.width * scale, im.height * scale), Image.LANCZOS) for im in images]
     if len(adapter.concepts) > 1:

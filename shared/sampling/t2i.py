@@ -9,6 +9,10 @@ An adapter fits a base when its `channels` equal the UNet's `block_out_channels`
 equals the VAE's (8): SD1.5 takes the stock full adapter; the tiny base takes
 `T2IAdapter(in_channels=3 or 1, channels=[32, 32, 64, 64], num_res_blocks=1, downscale_factor=8)`, whose four
 features (8×8, 4×4, 2×2, 1×1 for a 64 px image) land on the tiny UNet's four down blocks.
+
+A *layout* condition is a sketch of filled discs, one where each object should go, saying where and how big but not
+what (`layout_image`); a base can ship an adapter trained on it (`mos.shared.sd.base.layout_adapter_folder`: the
+world base's, made by scripts/train_world_layout.py), and `mos sample --fill-boxes` draws one disc in each region box.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from mos.shared.sampling.layout import Region, cells
+from mos.shared.sampling.layout import BoxT, Region, cells
 
 CONDITIONS = ("sketch", "keypose")
+# The layout condition's weight: at 1 the world base's adapter placed world objects in 7 of 16 two-object
+# pictures, at 2 in 11 of 16, and only from about 1.6 did tuned concepts follow it (docs/world.md)
+FILL_WEIGHT = 2.0
 
 
 class T2IError(ValueError):
@@ -74,6 +81,26 @@ def load_condition(path: str | Path, size: tuple[int, int], channels: int, what:
     a = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
     a = a[..., None] if a.ndim == 2 else a
     return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
+
+
+def disc_box(box: BoxT, size: tuple[int, int], fill: float = 0.8) -> BoxT:
+    """The square (in pixels) of side `fill` × the box's shorter side, centred in the box, as fractions: one
+    object, big in its box but clear of the neighbouring boxes."""
+    w, h = size
+    x0, y0, x1, y1 = box
+    side = fill * min((x1 - x0) * w, (y1 - y0) * h)
+    cx, cy = (x0 + x1) / 2 * w, (y0 + y1) / 2 * h
+    return ((cx - side / 2) / w, (cy - side / 2) / h, (cx + side / 2) / w, (cy + side / 2) / h)
+
+
+def layout_image(boxes: Sequence[BoxT], size: tuple[int, int]) -> Image.Image:
+    """White discs on black (mode L), one filling each box (fractions): the layout condition."""
+    w, h = size
+    img = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(img)
+    for x0, y0, x1, y1 in boxes:
+        d.ellipse([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], fill=255)
+    return img
 
 
 def weight_map(regions: Sequence[Region], h: int, w: int, weight: float, kind: str | None = None) -> torch.Tensor:
@@ -142,6 +169,21 @@ def attached(unet, res: Sequence[torch.Tensor]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def layout_residuals(base, boxes: Sequence[BoxT], size: tuple[int, int], weight: float = FILL_WEIGHT
+                     ) -> list[torch.Tensor]:
+    """The base's own layout adapter's features for one disc in each box (fractions); none where the base ships
+    no layout adapter."""
+    from mos.shared.sd.base import layout_adapter_folder
+
+    folder = layout_adapter_folder(base.spec)
+    if folder is None or not boxes:
+        return []
+    adapter = load_adapter(folder, base.unet, base.vae_scale, base.device, base.dtype)
+    img = layout_image([disc_box(b, size) for b in boxes], size)
+    cond = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None, None]
+    return residuals([Condition("sketch", adapter, cond, weight)])
 
 
 def weighted_residuals(conditions: dict[str, tuple[str, str]], base, size: tuple[int, int], regions: list[Region],

@@ -180,6 +180,12 @@ def tiny_folder(seed: int = 0) -> Path:
 
 # The toy world's pretrained base ships with the world package (scripts/train_world.py makes it).
 WORLD_WEIGHTS = Path(__file__).resolve().parents[1] / "world" / "weights"
+WORLD_LAYOUT = Path(__file__).resolve().parents[1] / "world" / "layout"
+
+
+def layout_adapter_folder(spec: str) -> Path | None:
+    """The base's own layout adapter (a T2I-Adapter on disc sketches; docs/world.md), where one ships: `world`."""
+    return WORLD_LAYOUT if resolve(spec)[0] == "world" else None
 
 
 def load_weights(configs: dict, folder: Path) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
