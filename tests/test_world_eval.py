@@ -36,7 +36,7 @@ def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_pat
     rates = [v for d in r["single"].values() for v in d.values()] + [
         v[k] for m in r["multi"].values() for k, v in [("all_present", m), ("binding", m)]] + [
         r["base_alone"]["prompt_following"], *r["base_alone"]["binding"].values()]
-    assert set(r["base_alone"]["binding"]) == {"plain", "regional"}
+    assert set(r["base_alone"]["binding"]) == {"plain", "regional", "regional_prompts_only"}
     assert set(r["ceiling"]) == {"alice", "bob", "carol"}
     assert all(set(v) == {"drawn", "autoencoded"} for v in r["ceiling"].values())
     assert all(0.0 <= x <= 1.0 for x in rates)
