@@ -139,11 +139,11 @@ def check_fill_boxes(args, regions: list) -> Path | None:
 def use_fill_boxes(args, folder: Path, regions: list, size: tuple[int, int], image_path: Path) -> dict:
     """Draw the disc sketch beside the output and make it an ordinary sketch condition (so the record's
     reproduce command needs no --fill-boxes)."""
-    from mos.shared.sampling.t2i import FILL_WEIGHT, disc_box, layout_image
+    from mos.shared.sampling.t2i import FILL_WEIGHT, disc_sketch
 
     sketch = image_path.with_name(image_path.stem + "_sketch.png")
     sketch.parent.mkdir(parents=True, exist_ok=True)
-    layout_image([disc_box(r.box, size) for r in regions], size).save(sketch)
+    disc_sketch([r.box for r in regions], size).save(sketch)
     args.t2i_adapter, args.sketch = [f"sketch={folder}"], str(sketch)
     if args.sketch_weight is None:
         args.sketch_weight = FILL_WEIGHT

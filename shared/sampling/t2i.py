@@ -93,6 +93,11 @@ def disc_box(box: BoxT, size: tuple[int, int], fill: float = 0.8) -> BoxT:
     return ((cx - side / 2) / w, (cy - side / 2) / h, (cx + side / 2) / w, (cy + side / 2) / h)
 
 
+def disc_sketch(boxes: Sequence[BoxT], size: tuple[int, int]) -> Image.Image:
+    """The layout condition asking for one object in each box (region boxes, fractions)."""
+    return layout_image([disc_box(b, size) for b in boxes], size)
+
+
 def layout_image(boxes: Sequence[BoxT], size: tuple[int, int]) -> Image.Image:
     """White discs on black (mode L), one filling each box (fractions): the layout condition."""
     w, h = size
@@ -180,10 +185,15 @@ def layout_residuals(base, boxes: Sequence[BoxT], size: tuple[int, int], weight:
     folder = layout_adapter_folder(base.spec)
     if folder is None or not boxes:
         return []
-    adapter = load_adapter(folder, base.unet, base.vae_scale, base.device, base.dtype)
-    img = layout_image([disc_box(b, size) for b in boxes], size)
-    cond = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None, None]
-    return residuals([Condition("sketch", adapter, cond, weight)])
+    # an evaluation asks for it once a picture: read and check it once per folder, device and dtype
+    key = (folder, str(base.device), base.dtype)
+    if key not in _LAYOUT_ADAPTERS:
+        _LAYOUT_ADAPTERS[key] = load_adapter(folder, base.unet, base.vae_scale, base.device, base.dtype)
+    cond = torch.from_numpy(np.asarray(disc_sketch(boxes, size), dtype=np.float32) / 255.0)[None, None]
+    return residuals([Condition("sketch", _LAYOUT_ADAPTERS[key], cond, weight)])
+
+
+_LAYOUT_ADAPTERS: dict[tuple, torch.nn.Module] = {}
 
 
 def weighted_residuals(conditions: dict[str, tuple[str, str]], base, size: tuple[int, int], regions: list[Region],
