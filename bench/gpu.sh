@@ -31,7 +31,7 @@ if [ "$quick" = 0 ] && "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_
   stats=(--base sd15-random --device cuda --sample-steps 20 --reps 2)
   regional=(--base sd15-random --device cuda --size 512x512 --steps 20 --reps 3)
   round=(--ns 2 --base sd15-random --device cuda --threads 4 --tune-steps 2 --sample-steps 20)
-  limits=(step:110 stats:70 regional:80 round:200)   # 460 s in all: under 8 minutes with the merge
+  limits=(step:100 stats:100 regional:80 round:200)  # 480 s in all: 8 minutes with the merge
 else
   mode=cpu-tiny
   export OMP_NUM_THREADS=1
@@ -61,6 +61,11 @@ for part in $PARTS; do
   rc[$part]=$?
   echo "gpu.sh [$mode] $part: exit ${rc[$part]} after $(( $(date +%s) - s )) s (log: $OUT/$part.log)"
   if [ "${rc[$part]}" -ne 0 ]; then status=1; tail -n 20 "$OUT/$part.log" >&2; fi
+  if [ "$part" = round ] && [ "${rc[$part]}" -ne 0 ]; then
+    # the parties' own logs are in the round's temporary folder, which a stopped round leaves behind
+    work=$(ls -dt "${TMPDIR:-/tmp}"/mos-many-*/ 2>/dev/null | head -n 1)
+    if [ -n "$work" ] && [ -d "$work/logs" ]; then cp -r "$work/logs" "$OUT/round-logs"; fi
+  fi
 done
 
 codes=""
