@@ -3,8 +3,9 @@
 alice: a red star     (class word "diamond")
 bob:   a blue ring     (class word "circle")
 carol: a green star    (class word "diamond": alice's class, so fusion meets concept conflict)
-Drawn by the world's own renderer (mos.shared.world.scenes.draw_concepts), alone or beside a world object, at
-varied places, sizes and backgrounds; a caption with <TOK> and the concept's mask go beside each image.
+Drawn by the world's own renderer (mos.shared.world.scenes.draw_concepts), big, alone at each of the world's places
+in turn or beside a small world object, on varied backgrounds; a caption with <TOK> and the concept's mask go beside
+each image.
 Deterministic by seed. Run: python scripts/draw_demo_concepts.py [--out data] [--n 10]
 """
 
