@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
+from mos.shared.sampling.denoise import sample
 from mos.shared.sampling.layout import Region
 from mos.shared.sampling.regional import sample_regional
 from mos.shared.sampling.t2i import attached, layout_residuals
@@ -63,13 +64,10 @@ def box(position: str) -> tuple[float, float, float, float]:
 def recognition(base_fn, adapter: Adapter, judge: Judge, name: str, s: Settings) -> float:
     """Fraction of pictures of `a <name> <place>` in which the judge finds the concept at that place."""
     model = ConceptModel.from_adapter(base_fn(), adapter)
-    hits = 0
-    for i in range(s.images):
-        place = PLACES[i % len(PLACES)]
-        img = sample_regional(model, f"a <{name}> {world.PLACE[place]}", seed=s.seed + i, steps=s.sample_steps,
-                              progress=False)
-        hits += judge(img, [box(place)])[0]["object"] == name
-    return hits / s.images
+    places = [PLACES[i % len(PLACES)] for i in range(s.images)]
+    images = sample(model, [f"a <{name}> {world.PLACE[p]}" for p in places], seed=s.seed, steps=s.sample_steps,
+                    progress=False)  # one batch: on a base this small, 16 pictures cost about what 2 do
+    return sum(judge(img, [box(p)])[0]["object"] == name for img, p in zip(images, places)) / s.images
 
 
 def tune_all(s: Settings, base_spec: str) -> dict[str, dict[str, Adapter]]:
@@ -170,15 +168,12 @@ def prompt_following(model: ConceptModel, judge: Judge, s: Settings) -> float:
     """How often one object comes out with the shape, colour and place its prompt names."""
     colours, places = list(world.COLOURS), list(world.POSITIONS)
     said = {"colour": True, "size": False, "position": True, "background": False}
-    hits = 0
-    for i in range(s.images):
-        thing = world.Thing(world.SHAPES[i % len(world.SHAPES)], colours[(3 * i) % len(colours)], "big",
-                            places[i % len(places)])
-        img = sample_regional(model, world.caption(world.Scene([thing], "gray", said=said)), seed=s.seed + 300 + i,
-                              steps=s.sample_steps, progress=False)
-        got = judge(img, [thing.box()])[0]
-        hits += got["object"] == thing.shape and got["colour"] == thing.colour
-    return hits / s.images
+    things = [world.Thing(world.SHAPES[i % len(world.SHAPES)], colours[(3 * i) % len(colours)], "big",
+                          places[i % len(places)]) for i in range(s.images)]
+    images = sample(model, [world.caption(world.Scene([t], "gray", said=said)) for t in things], seed=s.seed + 300,
+                    steps=s.sample_steps, progress=False)
+    got = [judge(img, [t.box()])[0] for img, t in zip(images, things)]
+    return sum(g["object"] == t.shape and g["colour"] == t.colour for g, t in zip(got, things)) / s.images
 
 
 def object_binding(model: ConceptModel, judge: Judge, s: Settings, regional: bool, layout: bool = True) -> float:
