@@ -241,7 +241,9 @@ def concept_scene(name: str, rng: random.Random, alone: bool | None = None, size
     """(scene, caption with <TOK>): the concept alone or beside one of the world's objects; mask = the concept's.
     `alone`, and the lone concept's `size` and `place`, are drawn at random where not given."""
     jitter = (rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04))
-    if rng.random() < 0.6 if alone is None else alone:
+    if alone is None:
+        alone = rng.random() < 0.6
+    if alone:
         things = [concept_thing(name, size or rng.choice(list(SIZES)), place or rng.choice(list(POSITIONS)), jitter)]
     else:
         here, there = rng.choice(PAIRS)[:: rng.choice((1, -1))]
