@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mos.shared.sd import base as base_mod
 from mos.shared.world import scenes as world
@@ -130,10 +132,6 @@ def test_partial_captions_name_one_of_two_objects_and_change_nothing_at_zero():
 def test_demo_folders_show_each_concept_big_at_every_place_and_match_the_repository(tmp_path):
     """The demo concepts' folders (what `mos eval world` draws for itself, and data/ in the repository): every
     concept big in every picture, alone at each of the world's places at least once; data/ is those files."""
-    from pathlib import Path
-
-    from PIL import Image
-
     repo_data = Path(__file__).resolve().parents[1] / "data"
     for folder in world.draw_concepts(tmp_path, 10):
         captions = [(folder / f"{i:02d}.txt").read_text() for i in range(10)]
