@@ -65,9 +65,10 @@ def concept_names(n: int) -> list[str]:
 def prepare_adapters(n: int, base: str, steps: int, cache: Path, device: str | None = None) -> dict[str, Path]:
     """name -> tuned adapter folder; tunes (in this process, as `mos tune` does) only what the cache lacks."""
     from mos.client.tuning.edlora import TuneConfig
-    from mos.client.tuning.tune import tune
+    from mos.client.tuning.tune import run_tune
+    from mos.shared.sd.base import load_base
 
-    out = {}
+    out, loaded = {}, None  # one base serves every cached adapter (sd15-random takes ~35 s to build)
     for i, name in enumerate(concept_names(n)):
         src = REPO / "data" / SOURCES[i % len(SOURCES)]
         folder = cache / "concepts" / name
@@ -79,8 +80,12 @@ def prepare_adapters(n: int, base: str, steps: int, cache: Path, device: str | N
             (tmp / "concept.toml").write_text(toml.replace(f'name = "{src.name}"', f'name = "{name}"'))
             tmp.rename(folder)
         t0 = time.perf_counter()
-        out[name] = tune(folder, cache / "adapters" / f"{base.replace(':', '_')}-{steps}steps" / name,
-                         TuneConfig(steps=steps, seed=i), base, device=device, progress=False)
+        loaded = loaded or load_base(base, device)
+        run = run_tune(folder, cache / "adapters" / f"{base.replace(':', '_')}-{steps}steps" / name,
+                       TuneConfig(steps=steps, seed=i), loaded, device=device, progress=False)
+        if not run.reused:
+            loaded = None  # tuning put LoRA on it: the next concept needs a clean base
+        out[name] = run.out
         print(f"adapter {name}: {out[name]} ({time.perf_counter() - t0:.1f} s)", flush=True)
     return out
 
