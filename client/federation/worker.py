@@ -154,7 +154,7 @@ class Worker:
         # what decides the statistics: the Gram dtype only changes how they travel
         what = {"one_shot": cfg.one_shot, "steps": cfg.sample_steps, "seed": cfg.sample_seed, "guidance": cfg.guidance,
                 "placement": cfg.placement, "prompts": stages.prompts_for(self.name, self.base.spec),
-                "sampled": stages.SAMPLE_PROMPTS}  # statistics cached with other prompts are not these
+                "sampled": stages.stage3_prompts(self.name, self.base.spec)}  # cached with other prompts: not these
         key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "stage": stage, "adapter": self.digest,
                                          "base": self.base.fingerprint, "request": request, **what},
                                         sort_keys=True).encode()).hexdigest()

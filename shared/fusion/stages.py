@@ -25,12 +25,24 @@ from mos.shared.sd.lora import Lora
 from mos.shared.sd.model import ConceptModel
 from mos.shared.sd.sites import Site, cross_attention_layers, input_sites
 
-SAMPLE_PROMPTS = 2  # stage 3 samples the first two prompts: enough rows, a fraction of the time
+# Stage 3 samples the first n statistics prompts, k times each (seeds sample_seed + 0, 1, ...). On real bases the
+# first two once: enough rows, a fraction of the time. On the toy world base, whose sampling is cheap, two pictures
+# a concept left the fused layers blind to the pictures the concept's other prompts and seeds draw (other places,
+# other backgrounds), and every prompt three times kept about a third more of the weaker concepts (docs/world.md,
+# "Trials of the thirteenth session").
+STAGE3_SAMPLES = {"world": (6, 3)}
+STAGE3_DEFAULT = (2, 1)
 
 
 def prompts_for(concept: str, spec: str) -> list[str]:
     """The statistics' prompts for `concept` on the base `spec`, in that base's caption language."""
     return [p.format(f"<{concept}>") for p in stat_prompts_of(spec)]
+
+
+def stage3_prompts(concept: str, spec: str) -> list[str]:
+    """The prompts stage 3 samples for `concept` on the base `spec`, one trajectory each."""
+    n, k = STAGE3_SAMPLES.get(spec, STAGE3_DEFAULT)
+    return prompts_for(concept, spec)[:n] * k
 
 
 def sites_of(base_or_model, stage: int, placement: str | None = None) -> list[Site]:
@@ -68,7 +80,7 @@ def kv_stats(model: ConceptModel, concept: str) -> Stats:
 
 @torch.no_grad()
 def spatial_stats(model: ConceptModel, concept: str, config: FusionConfig = FusionConfig()) -> Stats:
-    prompts = prompts_for(concept, model.base.spec)[:SAMPLE_PROMPTS]
+    prompts = stage3_prompts(concept, model.base.spec)
     cond, uncond = model.encode(prompts), model.encode([""] * len(prompts))
     latents = torch.cat([initial_latents(model, 1, config.sample_seed + i) for i in range(len(prompts))])
     with StatsRecorder(model.models, sites_of(model, 3, config.placement)) as rec:
