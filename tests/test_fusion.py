@@ -69,6 +69,22 @@ def test_statistics_prompts_speak_the_bases_caption_language():
     assert stages.prompts_for("alice", "tiny")[0] == "a photo of <alice>"  # real bases (and tiny) keep SD's
 
 
+def test_stage3_samples_every_world_prompt_three_times_and_the_first_two_on_real_bases(tiny_base, alice, monkeypatch):
+    world_prompts = stages.stage3_prompts("alice", "world")
+    assert len(world_prompts) == 18 and set(world_prompts) == set(stages.prompts_for("alice", "world"))
+    assert stages.stage3_prompts("alice", tiny_base.spec) == stages.prompts_for("alice", tiny_base.spec)[:2]
+
+    config = FusionConfig(sample_steps=2)
+    model = ConceptModel.from_adapter(copy.deepcopy(tiny_base), alice)
+    two = stages.spatial_stats(model, "alice", config)
+    monkeypatch.setitem(stages.STAGE3_SAMPLES, tiny_base.spec, (2, 3))
+    six = stages.spatial_stats(model, "alice", config)
+    assert two.keys() == six.keys() and two
+    for site, g in two.items():  # one trajectory per listed prompt, each its own seed
+        assert six[site].rows == 3 * g.rows
+        assert not torch.allclose(six[site].gram, 3 * g.gram)
+
+
 def test_kv_statistics_read_concept_tokens_and_end_token_per_layer(tiny_base, alice):
     model = ConceptModel.from_adapter(copy.deepcopy(tiny_base), alice)
     stats = stages.kv_stats(model, "alice")
