@@ -38,8 +38,10 @@ if [ "$status" -ne 0 ]; then
   exit 1
 fi
 
-fill=()   # the world base ships a layout adapter: one object asked for in each half (docs/design.md)
-if [ "$BASE" = world ]; then fill=(--fill-boxes); fi
+# The world base ships a layout adapter: one object asked for in each half, and a picture twice as wide as the
+# base's, so each half is the size the concepts were tuned at (docs/world.md)
+fill=()
+if [ "$BASE" = world ]; then fill=(--fill-boxes --size 128x64); fi
 mos sample --base "$BASE" --adapter "$OUT/server/round-1" \
   --prompt "a <alice> on the left and a <bob> on the right" \
   --region "a <alice>||0,0,0.5,1" --region "a <bob>||0.5,0,1,1" "${fill[@]}" --seed 1 --out "$OUT/together.png"

@@ -314,3 +314,26 @@ def test_unknown_concept_lists_known_ones():
         check_handles(["x", "a photo of <carol>"], ["alice", "bob"])
     with pytest.raises(UnknownConceptError, match="no adapter loaded"):
         check_handles(["<alice>"], [])
+
+
+def test_layout_discs_fill_their_boxes_up_to_the_largest_object_the_base_draws():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from mos.shared.sampling.t2i import LARGEST_DISC, disc_box, disc_sketch, largest_disc
+
+    base = SimpleNamespace(resolution=64)
+    assert largest_disc(base) == LARGEST_DISC * 64
+    # halves of a 64-px picture: 0.8 of the 32-px width, under the cap
+    assert disc_box((0, 0, 0.5, 1), (64, 64), largest=largest_disc(base)) == pytest.approx(
+        (3.2 / 64, 19.2 / 64, 28.8 / 64, 44.8 / 64))
+    # halves of a 128x64 picture are 64-px squares: 0.8 of them (51 px) would be larger than any object the
+    # layout adapter saw; the disc stops at the cap, centred in its box
+    x0, y0, x1, y1 = disc_box((0.5, 0, 1, 1), (128, 64), largest=largest_disc(base))
+    assert ((x1 - x0) * 128, (y1 - y0) * 64) == pytest.approx((LARGEST_DISC * 64,) * 2)
+    assert ((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((0.75, 0.5))
+    sketch = np.asarray(disc_sketch([(0, 0, 0.5, 1), (0.5, 0, 1, 1)], (128, 64), largest_disc(base))) > 0
+    uncapped = np.asarray(disc_sketch([(0, 0, 0.5, 1), (0.5, 0, 1, 1)], (128, 64))) > 0
+    assert sketch[:, :64].sum() == sketch[:, 64:].sum() < 0.6 * uncapped[:, :64].sum()
+    assert not sketch[:, 60:68].any()

@@ -6,9 +6,10 @@
    the concept in the box the prompt put it in.
 2. Two and three concepts fused: gradient fusion (staged, one-shot) vs weight fusion — each concept's recognition
    rate relative to its own single-concept ED-LoRA (1.0 = no identity lost).
-3. Multi-concept pictures from the three-concept gradient-fused model: regional sampling vs the plain prompt —
-   how often every concept is found in its box ("all present"), and, with a concept beside a world object of a
-   named colour, how often that object has its shape and colour in its own box ("binding").
+3. Multi-concept pictures from the three-concept gradient-fused model, each object in a square of the base's own
+   size side by side: regional sampling vs the plain prompt — how often every concept is found in its box ("all
+   present"), and, with a concept beside a world object of a named colour, how often that object has its shape
+   and colour in its own box ("binding").
 Everything is seeded; tuned adapters are cached in the work folder, so a second run only samples and judges.
 """
 
@@ -38,8 +39,6 @@ from mos.shared.world import scenes as world
 from mos.shared.world.judge import Judge
 
 HALVES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
-# Three concepts in one 64-px picture: three square boxes the size of a big object's (what the judge reads best)
-THIRDS = ((0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5), (0.25, 0.5, 0.75, 1.0))
 PLACES = ("left", "right", "center")
 
 
@@ -145,23 +144,37 @@ def fused(s: Settings, base: Base, owns: list[Adapter], method: str, one_shot: b
     return result
 
 
-def draw(model: ConceptModel, prompt: str, regions: list[Region] | tuple, seed: int, s: Settings, layout: bool
-         ) -> Image.Image:
-    """One picture; with regions and `layout`, regional sampling as Mix-of-Show does it: the region prompts plus
-    a spatial condition, here the base's layout adapter asking for one object in each box (where it ships one)."""
-    size = (model.base.resolution, model.base.resolution)
+def columns(k: int) -> list[tuple[float, float, float, float]]:
+    """k side-by-side boxes (fractions): in a picture k times as wide as the base's, each is a square of the
+    base's own size, where a concept is drawn as big as it was tuned."""
+    return [(i / k, 0.0, (i + 1) / k, 1.0) for i in range(k)]
+
+
+def column_box(i: int, k: int) -> tuple[float, float, float, float]:
+    """Where the judge looks in column i of k: a big object's box at the column's centre."""
+    x0, y0, x1, y1 = box("center")
+    return ((i + x0) / k, y0, (i + x1) / k, y1)
+
+
+def draw(model: ConceptModel, prompt: str, regions: list[Region] | tuple, seed: int, s: Settings, layout: bool,
+         width: int = 1) -> Image.Image:
+    """One picture, `width` times as wide as the base's; with regions and `layout`, regional sampling as
+    Mix-of-Show does it: the region prompts plus a spatial condition, here the base's layout adapter asking for one
+    object in each box (where it ships one)."""
+    size = (width * model.base.resolution, model.base.resolution)
     res = layout_residuals(model.base, [r.box for r in regions], size) if layout else []
     with attached(model.base.unet, res):
-        return sample_regional(model, prompt, regions=regions, seed=seed, steps=s.sample_steps, progress=False)
+        return sample_regional(model, prompt, regions=regions, seed=seed, steps=s.sample_steps, size=size,
+                               progress=False)
 
 
 def pair(model: ConceptModel, judge: Judge, left: str, right: str, regional: bool, seed: int, s: Settings,
-         layout: bool = True) -> tuple[Image.Image, list[dict]]:
+         layout: bool = True, wide: bool = False) -> tuple[Image.Image, list[dict]]:
     """A picture of `left` on the left and `right` on the right (regional: each phrase in its half), and what the
-    judge sees in each half."""
+    judge sees in each half. `wide`: twice the base's width, so that each half is a picture of the base's size."""
     regions = [Region(left, box=HALVES["left"]), Region(right, box=HALVES["right"])] if regional else ()
-    img = draw(model, f"{left} on the left and {right} on the right", regions, seed, s, layout)
-    return img, judge(img, [box("left"), box("right")])
+    img = draw(model, f"{left} on the left and {right} on the right", regions, seed, s, layout, 2 if wide else 1)
+    return img, judge(img, [column_box(0, 2), column_box(1, 2)] if wide else [box("left"), box("right")])
 
 
 def prompt_following(model: ConceptModel, judge: Judge, s: Settings) -> float:
@@ -199,12 +212,13 @@ def base_rates(base: Base, judge: Judge, s: Settings) -> dict:
 
 def together(model: ConceptModel, judge: Judge, names: list[str], regional: bool, seed: int, s: Settings
              ) -> tuple[Image.Image, bool]:
-    """A picture of every concept (regional: each in its own box), and whether the judge finds each in its box."""
-    boxes = THIRDS if len(names) == 3 else tuple(HALVES.values())[: len(names)]
-    regions = [Region(f"a <{n}>", box=b) for n, b in zip(names, boxes)] if regional else ()
+    """A picture of every concept side by side, each in a square of the base's size (regional: each in its own
+    box), and whether the judge finds each in its square."""
+    k = len(names)
+    regions = [Region(f"a <{n}>", box=b) for n, b in zip(names, columns(k))] if regional else ()
     prompt = ", ".join(f"a <{n}>" for n in names[:-1]) + f" and a <{names[-1]}>"
-    img = draw(model, prompt, regions, seed, s, layout=True)
-    return img, all(g["object"] == n for g, n in zip(judge(img, list(boxes)), names))
+    img = draw(model, prompt, regions, seed, s, layout=True, width=k)
+    return img, all(g["object"] == n for g, n in zip(judge(img, [column_box(i, k) for i in range(k)]), names))
 
 
 def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> tuple[dict, dict[str, list]]:
@@ -225,7 +239,7 @@ def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> tuple
             left = orders[i % len(orders)][0]
             shape, colour = world.SHAPES[i % len(world.SHAPES)], colours[i % len(colours)]
             img, got = pair(model, judge, f"a <{left}>", f"a {colour} {shape}", mode == "regional",
-                            s.seed + 200 + i, s)
+                            s.seed + 200 + i, s, wide=True)
             pictures[mode].append(img)
             bound += got[0]["object"] == left and got[1]["object"] == shape and got[1]["colour"] == colour
         out[mode] = {"all_present": present / s.images, "binding": bound / s.images}
@@ -363,15 +377,16 @@ def strip(pictures: dict[str, list], path: Path, scale: int = 3) -> None:
     from PIL import ImageDraw
 
     rows = [(mode, ims) for mode, ims in pictures.items() if ims]
-    w, h = rows[0][1][0].size
-    W, H, label = w * scale, h * scale, 70
-    sheet = Image.new("RGB", (label + W * max(len(ims) for _, ims in rows), H * len(rows)), "white")
+    H, label = max(im.height for _, ims in rows for im in ims) * scale, 70
+    width = max(sum(im.width for im in ims) for _, ims in rows) * scale
+    sheet = Image.new("RGB", (label + width, H * len(rows)), "white")
     d = ImageDraw.Draw(sheet)
     for r, (mode, ims) in enumerate(rows):
         d.text((4, r * H + H // 2 - 6), mode, fill="black")
-        for c, im in enumerate(ims):
-            x, y = label + c * W, r * H
-            sheet.paste(im.resize((W, H), Image.LANCZOS), (x, y))
+        x = label
+        for im in ims:  # pictures of all the concepts and pairs side by side: each at its own width
+            sheet.paste(im.resize((im.width * scale, im.height * scale), Image.LANCZOS), (x, r * H))
+            x += im.width * scale
     sheet.save(path)
 
 

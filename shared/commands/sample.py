@@ -136,14 +136,14 @@ def check_fill_boxes(args, regions: list) -> Path | None:
     return folder
 
 
-def use_fill_boxes(args, folder: Path, regions: list, size: tuple[int, int], image_path: Path) -> dict:
+def use_fill_boxes(args, folder: Path, regions: list, size: tuple[int, int], image_path: Path, base) -> dict:
     """Draw the disc sketch beside the output and make it an ordinary sketch condition (so the record's
     reproduce command needs no --fill-boxes)."""
-    from mos.shared.sampling.t2i import FILL_WEIGHT, disc_sketch
+    from mos.shared.sampling.t2i import FILL_WEIGHT, disc_sketch, largest_disc
 
     sketch = image_path.with_name(image_path.stem + "_sketch.png")
     sketch.parent.mkdir(parents=True, exist_ok=True)
-    disc_sketch([r.box for r in regions], size).save(sketch)
+    disc_sketch([r.box for r in regions], size, largest_disc(base)).save(sketch)
     args.t2i_adapter, args.sketch = [f"sketch={folder}"], str(sketch)
     if args.sketch_weight is None:
         args.sketch_weight = FILL_WEIGHT
@@ -266,7 +266,7 @@ def run(args) -> int:
         raise ValueError(f"--size {size[0]}x{size[1]} must be a multiple of {base.vae_scale}")
     regions = [r.fractions(size) for r in regions]
     if layout_folder is not None:
-        conditions = use_fill_boxes(args, layout_folder, regions, size, outs[0])
+        conditions = use_fill_boxes(args, layout_folder, regions, size, outs[0], base)
     res = t2i.weighted_residuals(conditions, base, size, regions, condition_weights(args))
 
     model = ConceptModel.from_adapter(base, adapter) if adapter else ConceptModel(base)

@@ -33,6 +33,10 @@ CONDITIONS = ("sketch", "keypose")
 # The layout condition's weight: at 1 the world base's adapter placed world objects in 7 of 16 two-object
 # pictures, at 2 in 11 of 16, and only from about 1.6 did tuned concepts follow it (docs/world.md)
 FILL_WEIGHT = 2.0
+# The largest layout disc, as a fraction of the base's picture side. Alice and bob, each in a 64-px half of a
+# 128x64 picture (32 pictures): discs of 0.55 drew both in 0.94 of them, 0.5 in 0.62 (bob's ring closes when
+# small), 0.7 in 0.62 (alice's star rounds); uncapped (0.8 of the box, 51 px) in 0.44 at weight 1.5
+LARGEST_DISC = 0.55
 
 
 class T2IError(ValueError):
@@ -83,19 +87,28 @@ def load_condition(path: str | Path, size: tuple[int, int], channels: int, what:
     return torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
 
 
-def disc_box(box: BoxT, size: tuple[int, int], fill: float = 0.8) -> BoxT:
-    """The square (in pixels) of side `fill` × the box's shorter side, centred in the box, as fractions: one
-    object, big in its box but clear of the neighbouring boxes."""
+def disc_box(box: BoxT, size: tuple[int, int], fill: float = 0.8, largest: float | None = None) -> BoxT:
+    """The square (in pixels) of side `fill` × the box's shorter side, at most `largest` pixels, centred in the
+    box, as fractions: one object, big in its box but clear of the neighbouring boxes."""
     w, h = size
     x0, y0, x1, y1 = box
     side = fill * min((x1 - x0) * w, (y1 - y0) * h)
+    side = side if largest is None else min(side, largest)
     cx, cy = (x0 + x1) / 2 * w, (y0 + y1) / 2 * h
     return ((cx - side / 2) / w, (cy - side / 2) / h, (cx + side / 2) / w, (cy + side / 2) / h)
 
 
-def disc_sketch(boxes: Sequence[BoxT], size: tuple[int, int]) -> Image.Image:
-    """The layout condition asking for one object in each box (region boxes, fractions)."""
-    return layout_image([disc_box(b, size) for b in boxes], size)
+def largest_disc(base) -> float:
+    """The largest disc (pixels) to ask of `base`'s layout adapter: a little more than the biggest object it was
+    trained on (half the base's picture side). Objects come out a little smaller than their disc, and a box much
+    larger than that asks for a shape the adapter never saw (docs/world.md, "Trials of the fourteenth session")."""
+    return LARGEST_DISC * base.resolution
+
+
+def disc_sketch(boxes: Sequence[BoxT], size: tuple[int, int], largest: float | None = None) -> Image.Image:
+    """The layout condition asking for one object in each box (region boxes, fractions), each disc at most
+    `largest` pixels across."""
+    return layout_image([disc_box(b, size, largest=largest) for b in boxes], size)
 
 
 def layout_image(boxes: Sequence[BoxT], size: tuple[int, int]) -> Image.Image:
@@ -189,7 +202,8 @@ def layout_residuals(base, boxes: Sequence[BoxT], size: tuple[int, int], weight:
     key = (folder, str(base.device), base.dtype)
     if key not in _LAYOUT_ADAPTERS:
         _LAYOUT_ADAPTERS[key] = load_adapter(folder, base.unet, base.vae_scale, base.device, base.dtype)
-    cond = torch.from_numpy(np.asarray(disc_sketch(boxes, size), dtype=np.float32) / 255.0)[None, None]
+    sketch = disc_sketch(boxes, size, largest_disc(base))
+    cond = torch.from_numpy(np.asarray(sketch, dtype=np.float32) / 255.0)[None, None]
     return residuals([Condition("sketch", _LAYOUT_ADAPTERS[key], cond, weight)])
 
 
