@@ -100,7 +100,7 @@ def disc_box(box: BoxT, size: tuple[int, int], fill: float = 0.8, largest: float
 
 def largest_disc(base) -> float:
     """The largest disc (pixels) to ask of `base`'s layout adapter: a little more than the biggest object it was
-    trained on (half the base's picture side). Objects come out a little smaller than their disc, and a box much
+    trained on (half the base's picture side). Objects come out a little smaller than their disc, and a disc much
     larger than that asks for a shape the adapter never saw (docs/world.md, "Trials of the fourteenth session")."""
     return LARGEST_DISC * base.resolution
 
