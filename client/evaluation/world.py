@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
-from mos.shared.sampling.denoise import decode, denoise, initial_latents, sample
+from mos.shared.sampling.denoise import sample
 from mos.shared.sampling.layout import Region
 from mos.shared.sampling.regional import sample_regional
 from mos.shared.sampling.t2i import attached, layout_residuals
@@ -182,17 +182,14 @@ def pair(model: ConceptModel, judge: Judge, left: str, right: str, regional: boo
     return img, judge(img, [box("left"), box("right")])
 
 
-def draw_all(model: ConceptModel, jobs: list[tuple[str, list[Region] | tuple]], seeds: list[int], s: Settings,
+def draw_all(model: ConceptModel, jobs: list[tuple[str, list[Region] | tuple]], seed: int, s: Settings,
              width: int) -> list[Image.Image]:
-    """Pictures `width` times as wide as the base's, one per (prompt, regions) and seed: plain prompts in one batch
-    (on a base this small, 16 pictures cost about what 2 do), regional ones one by one."""
+    """Pictures `width` times as wide as the base's, one per (prompt, regions), seeds seed, seed + 1, …: plain
+    prompts in one batch (on a base this small, 16 pictures cost about what 2 do), regional ones one by one."""
     if any(regions for _, regions in jobs):
-        return [draw(model, prompt, regions, seed, s, True, width) for (prompt, regions), seed in zip(jobs, seeds)]
+        return [draw(model, prompt, regions, seed + i, s, True, width) for i, (prompt, regions) in enumerate(jobs)]
     size = (width * model.base.resolution, model.base.resolution)
-    prompts = [prompt for prompt, _ in jobs]
-    latents = torch.cat([initial_latents(model, 1, seed, size) for seed in seeds])
-    cond, uncond = model.encode(prompts), model.encode([""] * len(prompts))
-    return decode(model, denoise(model, cond, uncond, latents, s.sample_steps, progress=False))
+    return sample(model, [prompt for prompt, _ in jobs], seed=seed, steps=s.sample_steps, size=size, progress=False)
 
 
 def prompt_following(model: ConceptModel, judge: Judge, s: Settings) -> float:
@@ -249,10 +246,9 @@ def multi_concept(base_fn, adapter: Adapter, judge: Judge, s: Settings) -> tuple
     out, pictures = {}, {}
     for mode in ("plain", "regional"):
         regional = mode == "regional"
-        alls = draw_all(model, [together_prompt(g, regional) for g in groups],
-                        [s.seed + 100 + i for i in range(s.images)], s, k)
+        alls = draw_all(model, [together_prompt(g, regional) for g in groups], s.seed + 100, s, k)
         jobs = [pair_prompt(f"a <{c}>", f"a {colour} {shape}", regional) for c, shape, colour in beside]
-        pairs = draw_all(model, jobs, [s.seed + 200 + i for i in range(s.images)], s, 2)
+        pairs = draw_all(model, jobs, s.seed + 200, s, 2)
         present = sum(all(g["object"] == n for g, n in zip(judge(img, [column_box(j, k) for j in range(k)]), group))
                       for img, group in zip(alls, groups))
         bound = 0
