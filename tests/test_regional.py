@@ -220,6 +220,38 @@ def test_t2i_residuals_follow_the_weight_map(model, tiny_t2i, tmp_path):
     assert len(base.unet._forward_pre_hooks) == hooks  # detached again
 
 
+@torch.no_grad()
+def test_t2i_condition_lets_go_of_concept_boxes_after_its_share_of_the_schedule(model, tiny_t2i, tmp_path):
+    from mos.shared.sampling import t2i
+
+    base = model.base
+    ad = t2i.load_adapter(tiny_t2i, base.unet, base.vae_scale)
+    img = t2i.load_condition(_sketch(tmp_path / "s.png"), (64, 64), ad.config.in_channels, "sketch")
+    res = t2i.residuals([t2i.Condition("sketch", ad, img)])
+    regions = [Region("a <alice>", box=(0.0, 0.0, 0.5, 1.0)), Region("a doll", box=(0.5, 0.0, 1.0, 1.0))]
+    assert t2i.concept_boxes(regions) == [(0.0, 0.0, 0.5, 1.0)]
+    assert t2i.release_timestep(base, 0.5) == 500 and t2i.release_timestep(base, 1.0) == 0
+
+    seen = []  # (timestep, residuals) of every UNet call, as the UNet receives them
+
+    def record(module, args, kwargs):
+        seen.append((float(args[1]), [r[:1].clone() for r in kwargs["down_intrablock_additional_residuals"]]))
+
+    lat = initial_latents(model, 1, seed=0)
+    with t2i.attached(base.unet, res, t2i.concept_boxes(regions), t2i.release_timestep(base, 0.5)):
+        handle = base.unet.register_forward_pre_hook(record, with_kwargs=True)  # runs after attached's hook
+        try:
+            denoise_regional(model, "a <alice> and a doll", regions=regions, latents=lat, steps=4, progress=False)
+        finally:
+            handle.remove()
+    assert len(seen) == 4 and any(t >= 500 for t, _ in seen) and any(t < 500 for t, _ in seen)
+    for t, got in seen:
+        for r, g in zip(res[:-1], got):  # (the 1x1 map's one cell lies in the left box)
+            half = r.shape[-1] // 2
+            assert torch.equal(g[..., half:], r[..., half:])  # the doll's box: always held
+            assert torch.equal(g[..., :half], r[..., :half] if t >= 500 else torch.zeros_like(r[..., :half]))
+
+
 def test_t2i_bad_inputs(model, tiny_t2i, tmp_path):
     from diffusers import T2IAdapter
 

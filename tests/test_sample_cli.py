@@ -107,6 +107,7 @@ def test_plain_sampling_without_adapter(workdir):
     (["--prompt", "x", "--out", "x.txt"], "image name"),
     (["--prompt", "x", "--size", "60x64"], "multiple of 8"),
     (["--prompt", "x", "--fill-boxes"], "give --region"),
+    (["--prompt", "x", "--t2i-until", "1.5"], "from 0 to 1"),
     (["--prompt", "x", "--region", "<alice>||0,0,1,1", "--fill-boxes"], "base tiny ships no layout adapter"),
     (["--prompt", "x", "--region", "<alice>||0,0,1,1", "--fill-boxes", "--sketch", "SKETCH48"], "drop --sketch"),
 ])
@@ -222,9 +223,10 @@ def test_fill_boxes_draws_a_disc_in_each_box_and_its_record_redraws_the_image(tm
     rec = json.loads(out.with_suffix(".json").read_text())
     cond = rec["t2i"]["conditions"]["sketch"]
     assert cond["image"] == str(tmp_path / "duo_sketch.png") and rec["t2i"]["weights"]["sketch"] == 2.0
+    assert rec["t2i"]["until"] == 0.5 and "--t2i-until 0.5" in rec["reproduce"]  # concept boxes let go halfway
     again = tmp_path / "again.png"
     assert main([*argv, "--t2i-adapter", f"sketch={cond['adapter']}", "--sketch", cond["image"],
-                 "--sketch-weight", "2", "--out", str(again)]) == 0
+                 "--sketch-weight", "2", "--t2i-until", "0.5", "--out", str(again)]) == 0
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (out, again))
     assert np.abs(a - b).max() <= 1
     plain = tmp_path / "plain.png"

@@ -32,7 +32,7 @@ from mos.shared.fusion.config import FusionConfig
 from mos.shared.sampling.denoise import sample
 from mos.shared.sampling.layout import Region
 from mos.shared.sampling.regional import sample_regional
-from mos.shared.sampling.t2i import attached, layout_residuals
+from mos.shared.sampling.t2i import layout_attached
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
 from mos.shared.world import scenes as world
@@ -162,8 +162,7 @@ def draw(model: ConceptModel, prompt: str, regions: list[Region] | tuple, seed: 
     Mix-of-Show does it: the region prompts plus a spatial condition, here the base's layout adapter asking for one
     object in each box (where it ships one)."""
     size = (width * model.base.resolution, model.base.resolution)
-    res = layout_residuals(model.base, [r.box for r in regions], size) if layout else []
-    with attached(model.base.unet, res):
+    with layout_attached(model.base, regions if layout else [], size):
         return sample_regional(model, prompt, regions=regions, seed=seed, steps=s.sample_steps, size=size,
                                progress=False)
 

@@ -68,6 +68,10 @@ def register(sub) -> None:
                    "--t2i-weight; the paper pairs keypose 0.8 with sketch 0.5)")
     t.add_argument("--keypose-weight", type=float, default=None, help="the keypose condition's weight (default: "
                    "--t2i-weight)")
+    t.add_argument("--t2i-until", type=float, default=None, metavar="F",
+                   help="inside region boxes that name a concept, the conditions act for the first F of the sampling "
+                        "schedule only (default 1: throughout; with --fill-boxes 0.5: its discs say where, the "
+                        "concept's adapter then draws its own shape)")
     t.add_argument("--fill-boxes", action="store_true",
                    help="ask for one object in each region box: draws <name>_sketch.png (a disc in each box) and "
                         "uses it as the sketch condition with the base's own layout adapter (the world base ships "
@@ -139,7 +143,7 @@ def check_fill_boxes(args, regions: list) -> Path | None:
 def use_fill_boxes(args, folder: Path, regions: list, size: tuple[int, int], image_path: Path, base) -> dict:
     """Draw the disc sketch beside the output and make it an ordinary sketch condition (so the record's
     reproduce command needs no --fill-boxes)."""
-    from mos.shared.sampling.t2i import FILL_WEIGHT, disc_sketch, largest_disc
+    from mos.shared.sampling.t2i import CONCEPT_UNTIL, FILL_WEIGHT, disc_sketch, largest_disc
 
     sketch = image_path.with_name(image_path.stem + "_sketch.png")
     sketch.parent.mkdir(parents=True, exist_ok=True)
@@ -147,12 +151,19 @@ def use_fill_boxes(args, folder: Path, regions: list, size: tuple[int, int], ima
     args.t2i_adapter, args.sketch = [f"sketch={folder}"], str(sketch)
     if args.sketch_weight is None:
         args.sketch_weight = FILL_WEIGHT
+    if args.t2i_until is None:
+        args.t2i_until = CONCEPT_UNTIL
     return t2i_paths(args)
 
 
 def condition_weights(args) -> dict[str, float]:
     """Each condition's weight: its own flag, else --t2i-weight."""
     return {k: w if (w := getattr(args, f"{k}_weight")) is not None else args.t2i_weight for k in ("sketch", "keypose")}
+
+
+def until(args) -> float:
+    """How much of the schedule the conditions act inside the concepts' boxes."""
+    return 1.0 if args.t2i_until is None else args.t2i_until
 
 
 def out_paths(out: str) -> tuple[Path, Path, Path]:
@@ -169,6 +180,8 @@ def check_numbers(args) -> None:
         raise ValueError("--guidance must not be negative")
     if args.lora_scale < 0:
         raise ValueError("--lora-scale must not be negative")
+    if args.t2i_until is not None and not 0 <= args.t2i_until <= 1:
+        raise ValueError("--t2i-until is a fraction of the sampling schedule: give a number from 0 to 1")
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -195,6 +208,8 @@ def reproduce_command(args, used: dict[str, Any], record_path: Path) -> str:
         for kind, w in condition_weights(args).items():
             if w != args.t2i_weight:
                 cmd += [f"--{kind}-weight", f"{w:g}"]
+        if until(args) != 1:
+            cmd += ["--t2i-until", f"{until(args):g}"]
     for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
         if value:
             cmd += [flag, value]
@@ -222,7 +237,7 @@ def record(args, used: dict[str, Any], base, adapter, conditions: dict, seconds:
             "path": args.adapter, "sha256": sha256(adapter_file(args.adapter)), "lora_scale": args.lora_scale,
             "concepts": [{"name": c.name, "handle": c.handle, "class_word": c.class_word} for c in adapter.concepts]},
         "t2i": None if not conditions else {
-            "weight": args.t2i_weight, "weights": condition_weights(args),
+            "weight": args.t2i_weight, "weights": condition_weights(args), "until": until(args),
             "conditions": {k: {"adapter": a, "image": img, "image_sha256": sha256(img)}
                            for k, (a, img) in conditions.items()}},
         "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
@@ -271,7 +286,7 @@ def run(args) -> int:
 
     model = ConceptModel.from_adapter(base, adapter) if adapter else ConceptModel(base)
     lat = initial_latents(model, 1, args.seed, size)
-    with t2i.attached(base.unet, res):
+    with t2i.attached(base.unet, res, t2i.concept_boxes(regions), t2i.release_timestep(base, until(args))):
         lat = denoise_regional(model, prompt, negative, regions, lat, steps=args.steps, guidance=args.guidance,
                                scheduler=args.scheduler, progress=not args.quiet)
     image = decode(model, lat)[0]

@@ -12,7 +12,7 @@ from mos.shared.formats.adapter import Adapter
 from mos.shared.sampling.denoise import sample
 from mos.shared.sampling.layout import Region
 from mos.shared.sampling.regional import sample_regional
-from mos.shared.sampling.t2i import attached, layout_residuals
+from mos.shared.sampling.t2i import layout_attached
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
 
@@ -39,8 +39,7 @@ def write_preview(base: Base, adapter: Adapter, path: str | Path, first: str | N
     if len(adapter.concepts) > 1:
         prompt, regions = layout_for(adapter)
         # the base's layout adapter, where it ships one, asks for one object in each strip (docs/design.md)
-        res = layout_residuals(model.base, [r.box for r in regions], (images[0].width, images[0].height))
-        with attached(model.base.unet, res):
+        with layout_attached(model.base, regions, (images[0].width, images[0].height)):
             images.append(sample_regional(model, prompt, regions=regions, seed=seed, steps=steps, progress=False))
     scale = max(1, -(-192 // images[0].width))  # toy bases draw 64 px: enlarge so a person can see them
     images = [im.resize((im.width * scale, im.height * scale), Image.LANCZOS) for im in images]

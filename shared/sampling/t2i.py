@@ -12,7 +12,9 @@ features (8×8, 4×4, 2×2, 1×1 for a 64 px image) land on the tiny UNet's four
 
 A *layout* condition is a sketch of filled discs, one where each object should go, saying where and how big but not
 what (`layout_image`); a base can ship an adapter trained on it (`mos.shared.sd.base.layout_adapter_folder`: the
-world base's, made by scripts/train_world_layout.py), and `mos sample --fill-boxes` draws one disc in each region box.
+world base's, made by scripts/train_world_layout.py), and `mos sample --fill-boxes` draws one disc in each region box. Inside the boxes that name a concept the condition
+lets go after the first part of the schedule (`--t2i-until`, `CONCEPT_UNTIL` with --fill-boxes): it says where,
+the concept's adapter then draws its own shape.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mos.shared.sampling.layout import BoxT, Region, cells
+from mos.shared.sd.concepts import HANDLE
 
 CONDITIONS = ("sketch", "keypose")
 # The layout condition's weight: at 1 the world base's adapter placed world objects in 7 of 16 two-object
@@ -37,6 +40,12 @@ FILL_WEIGHT = 2.0
 # 128x64 picture (32 pictures): discs of 0.55 drew both in 0.94 of them, 0.5 in 0.62 (bob's ring closes when
 # small), 0.7 in 0.62 (alice's star rounds); uncapped (0.8 of the box, 51 px) in 0.44 at weight 1.5
 LARGEST_DISC = 0.55
+# Inside a box whose prompt names a concept, the layout condition acts for the first half of the schedule only.
+# Held to the end, its filled disc rounds the concept's own shape: alice's star turns into a red blob, bob's ring
+# closes (three concepts side by side, 16 pictures: all present 0.19 held throughout, 0.44 let go after 0.4-0.6
+# of the schedule; the demo pair, 32 pictures: 0.88 -> 0.97). World objects keep it throughout: their shapes were
+# learned with it on, and let go they come out ragged (two-object binding 0.62 -> 0.12; docs/world.md)
+CONCEPT_UNTIL = 0.5
 
 
 class T2IError(ValueError):
@@ -169,17 +178,23 @@ def check_fits(res: Sequence[torch.Tensor], unet, latent_hw: tuple[int, int]) ->
 
 
 @contextlib.contextmanager
-def attached(unet, res: Sequence[torch.Tensor]) -> Iterator[None]:
+def attached(unet, res: Sequence[torch.Tensor], release: Sequence[BoxT] = (), release_below: float = 0.0
+             ) -> Iterator[None]:
     """Feed `res` to every UNet call as down_intrablock_additional_residuals (the UNet pops that list, so each
-    call gets a fresh one, expanded to the call's batch: both halves of a guided batch get the condition)."""
+    call gets a fresh one, expanded to the call's batch: both halves of a guided batch get the condition).
+    Once the sampler's timestep falls below `release_below`, the condition is dropped inside the `release` boxes
+    (`concept_boxes`): by then it has said where the object goes, and from there its own adapter draws it."""
     if not res:
         yield
         return
+    late = _released(res, release) if release and release_below > 0 else None
 
     def hook(module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        use = late if late is not None and float(torch.as_tensor(t).flatten()[0]) < release_below else res
         kwargs["down_intrablock_additional_residuals"] = [
-            r.to(sample.device, sample.dtype).expand(sample.shape[0], -1, -1, -1) for r in res]
+            r.to(sample.device, sample.dtype).expand(sample.shape[0], -1, -1, -1) for r in use]
         return args, kwargs
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
@@ -187,6 +202,18 @@ def attached(unet, res: Sequence[torch.Tensor]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def _released(res: Sequence[torch.Tensor], boxes: Sequence[BoxT]) -> list[torch.Tensor]:
+    """`res` with every feature cell inside the boxes zeroed (a box weight of 0, as `weight_map` gives one)."""
+    out = []
+    for r in res:
+        keep = torch.ones(r.shape[-2:], dtype=r.dtype, device=r.device)
+        for box in boxes:
+            r0, r1, c0, c1 = cells(box, *r.shape[-2:])
+            keep[r0:r1, c0:c1] = 0
+        out.append(r * keep)
+    return out
 
 
 def layout_residuals(base, boxes: Sequence[BoxT], size: tuple[int, int], weight: float = FILL_WEIGHT
@@ -208,6 +235,27 @@ def layout_residuals(base, boxes: Sequence[BoxT], size: tuple[int, int], weight:
 
 
 _LAYOUT_ADAPTERS: dict[tuple, torch.nn.Module] = {}
+
+
+def concept_boxes(regions: Sequence[Region]) -> list[BoxT]:
+    """The boxes of the regions whose prompt names a concept (<handle>)."""
+    return [r.box for r in regions if HANDLE.search(r.prompt)]
+
+
+def release_timestep(base, until: float) -> float:
+    """The timestep below which a condition held for the first `until` of the sampling schedule lets go."""
+    return (1.0 - until) * float(base.scheduler_config.get("num_train_timesteps", 1000))
+
+
+@contextlib.contextmanager
+def layout_attached(base, regions: Sequence[Region], size: tuple[int, int], until: float = CONCEPT_UNTIL
+                    ) -> Iterator[None]:
+    """The base's layout condition (one disc in each region box, `layout_residuals`) on every UNet call of the
+    block, let go inside the concepts' boxes after the first `until` of the schedule; nothing where the base
+    ships no layout adapter."""
+    res = layout_residuals(base, [r.box for r in regions], size)
+    with attached(base.unet, res, concept_boxes(regions), release_timestep(base, until)):
+        yield
 
 
 def weighted_residuals(conditions: dict[str, tuple[str, str]], base, size: tuple[int, int], regions: list[Region],
