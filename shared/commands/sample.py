@@ -283,6 +283,9 @@ def run(args) -> int:
     if layout_folder is not None:
         conditions = use_fill_boxes(args, layout_folder, regions, size, outs[0], base)
     res = t2i.weighted_residuals(conditions, base, size, regions, condition_weights(args))
+    if args.t2i_until is not None and not conditions:
+        print("note: --t2i-until is ignored without a T2I condition (--t2i-adapter and an image, or --fill-boxes)",
+              file=sys.stderr)
 
     model = ConceptModel.from_adapter(base, adapter) if adapter else ConceptModel(base)
     lat = initial_latents(model, 1, args.seed, size)

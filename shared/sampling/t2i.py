@@ -12,9 +12,9 @@ features (8×8, 4×4, 2×2, 1×1 for a 64 px image) land on the tiny UNet's four
 
 A *layout* condition is a sketch of filled discs, one where each object should go, saying where and how big but not
 what (`layout_image`); a base can ship an adapter trained on it (`mos.shared.sd.base.layout_adapter_folder`: the
-world base's, made by scripts/train_world_layout.py), and `mos sample --fill-boxes` draws one disc in each region box. Inside the boxes that name a concept the condition
-lets go after the first part of the schedule (`--t2i-until`, `CONCEPT_UNTIL` with --fill-boxes): it says where,
-the concept's adapter then draws its own shape.
+world base's, made by scripts/train_world_layout.py), and `mos sample --fill-boxes` draws one disc in each region box.
+Inside the boxes that name a concept the condition lets go after the first part of the schedule (`--t2i-until`,
+`CONCEPT_UNTIL` with --fill-boxes): it says where, the concept's adapter then draws its own shape.
 """
 
 from __future__ import annotations
