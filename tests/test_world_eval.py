@@ -26,7 +26,7 @@ def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_pat
     from mos.client.evaluation import world as we
     from mos.client.tuning import tune as tune_mod
 
-    s = we.Settings(DATA, tmp_path / "work", tune_steps=2, images=2, sample_steps=2, fusion_steps=2)
+    s = we.Settings(DATA, tmp_path / "work", tune_steps=2, images=2, sample_steps=2, fusion_steps=2, one_shot=True)
     judge = random_judge(tmp_path / "judge.safetensors")
     r, pictures = we.evaluate(s, "tiny", judge)
     assert set(r["single"]) == {"alice", "bob", "carol"}
@@ -55,6 +55,13 @@ def test_eval_world_runs_on_tiny_and_second_run_reuses_tuning_and_fusion(tmp_pat
     s.workers = 1
     again, _ = we.evaluate(s, "tiny", judge)
     assert {k: v for k, v in again.items() if k != "settings"} == {k: v for k, v in r.items() if k != "settings"}
+    # without --one-shot (the default) the one-shot fusions are not made, and nothing else changes
+    s.one_shot = False
+    plain, _ = we.evaluate(s, "tiny", judge)
+    assert {k: set(v) for k, v in plain["fusion"].items()} == {k: {"gradient", "weight"} for k in r["fusion"]}
+    for k, v in plain["fusion"].items():
+        assert v == {m: r["fusion"][k][m] for m in ("gradient", "weight")}
+    assert plain["summary"] == r["summary"]
 
     we.write(r, pictures, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "world_eval.json").read_text()) == json.loads(json.dumps(r))
