@@ -15,7 +15,7 @@ from mos.shared.fusion.config import FusionConfig
 # run-config key -> FusionConfig field
 FUSION_KEYS = {"method": "method", "one-shot": "one_shot", "eps": "eps", "sample-steps": "sample_steps",
                "sample-seed": "sample_seed", "guidance": "guidance", "gram-dtype": "gram_dtype",
-               "placement": "placement"}
+               "placement": "placement", "kv-eps": "kv_eps"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Settings:
         fusion = {key: getattr(self.fusion, attr) for key, attr in FUSION_KEYS.items()}
         fusion["placement"] = fusion["placement"] or ""  # TOML has no null: "" is the base's default
         fusion["eps"] = -1.0 if fusion["eps"] is None else fusion["eps"]  # ... and eps < 0 is λ by GCV
+        fusion["kv-eps"] = -1.0 if fusion["kv-eps"] is None else fusion["kv-eps"]  # < 0: the base's default
         return own | fusion
 
     @classmethod
@@ -58,4 +59,5 @@ class Settings:
                   for key, attr in FUSION_KEYS.items()}
         values["placement"] = values["placement"] or None  # "": the base's default
         values["eps"] = None if values["eps"] < 0 else values["eps"]  # < 0: λ per site by GCV
+        values["kv_eps"] = None if values["kv_eps"] < 0 else values["kv_eps"]  # < 0: the base's default
         return cls(**own, fusion=FusionConfig(**values))

@@ -240,6 +240,41 @@ def test_lambda_is_chosen_per_site_unless_eps_fixes_it(tiny_base, alice, bob):
     assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "1e-4"]).eps == 1e-4
 
 
+def test_kv_sites_take_their_own_ridge(tiny_base, alice, bob):
+    """kv_eps sets the ridge of the stage-2 sites alone: those layers come out as a fusion at that ε everywhere
+    would give them, every other layer as the plain ε gives it; world's default is 0.1, elsewhere ε."""
+    import argparse
+
+    from mos.shared.commands import fuse as fuse_cmd
+
+    sites = input_sites(tiny_base.text_encoder, tiny_base.unet)
+    kv = {layer for s in sites if s.stage == 2 for layer in s.layers}
+    assert kv
+
+    def fused(**kw):
+        fusion = Fusion(tiny_base.fingerprint, sites, FusionConfig(one_shot=True, sample_steps=2, **kw))
+        return run_fusion(LocalRunner(tiny_base, [alice, bob], progress=False), fusion)
+
+    mixed, small, large = fused(eps=1e-2, kv_eps=0.1), fused(eps=1e-2), fused(eps=0.1)
+    per_site = mixed.meta["fusion"]["eps_per_site"]
+    assert {e for s, e in per_site.items() if s.endswith(".kv")} == {0.1}
+    assert {e for s, e in per_site.items() if not s.endswith(".kv")} == {1e-2}
+    for layer, (B, A) in mixed.lora.items():
+        want = (large if layer in kv else small).lora[layer]
+        assert torch.allclose(B @ A, want[0] @ want[1], rtol=1e-4, atol=1e-7), layer
+    assert not torch.allclose(*(f.lora[next(iter(kv))][1] for f in (mixed, small)))  # the ridge mattered
+
+    assert FusionConfig().resolved("world").kv_eps == 0.1 and FusionConfig().resolved("world").eps_at(2) == 0.1
+    assert FusionConfig().resolved("tiny").eps_at(2) == FusionConfig().eps_at(3) == 1e-2
+    assert FusionConfig(kv_eps=0.3).resolved("world").eps_at(2) == 0.3 and FusionConfig(kv_eps=0.3).eps_at(1) == 1e-2
+    with pytest.raises(ValueError, match="k/v stage"):
+        FusionConfig(kv_eps=-1.0)
+    parser = argparse.ArgumentParser()
+    fuse_cmd.register(parser.add_subparsers())
+    assert parser.parse_args(["fuse", "a", "--out", "o"]).kv_eps is None
+    assert parser.parse_args(["fuse", "a", "--out", "o", "--kv-eps", "0.3"]).kv_eps == 0.3
+
+
 @pytest.mark.slow
 def test_tuned_concepts_gradient_beats_weight_and_staged_not_worse_than_one_shot(tiny_base, tmp_path_factory):
     """The paper's claim on the tiny base: gradient fusion keeps each concept better than weight fusion."""

@@ -127,6 +127,8 @@ def test_the_app_bundle_declares_every_run_setting_with_mos_server_defaults():
     assert Settings.from_run_config(config) == Settings("mos-out/server", "mos-state/server")
     assert Settings.from_run_config({**config, "eps": -1.0}).fusion.eps is None  # < 0: λ per site by GCV
     assert Settings(".", ".", fusion=FusionConfig(eps=None)).run_config()["eps"] == -1.0
+    assert Settings.from_run_config({**config, "kv-eps": 0.3}).fusion.kv_eps == 0.3  # < 0 (default): the base's
+    assert Settings.from_run_config(config).fusion.kv_eps is None
     with pytest.raises(ValueError, match="sample-steps"):
         Settings.from_run_config({**config, "sample-steps": "many"})
     with pytest.raises(ValueError, match="lacks 'rounds'"):

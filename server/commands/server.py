@@ -41,6 +41,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eps", type=parse_eps, default=FUSION_EPS, help="ridge factor ε of the solve at every input "
                    f"site (λ = ε·tr(ΣG)/d; default {FUSION_EPS:g}), or 'gcv': λ per site by generalized "
                    "cross-validation (as `mos fuse`)")
+    p.add_argument("--kv-eps", type=float, default=None, metavar="EPS",
+                   help="ridge factor of the cross-attention k/v sites (stage 2; default: the base's, 0.1 on world, "
+                   "else --eps; as `mos fuse`)")
     p.add_argument("--sample-steps", type=int, default=20, help="stage 3: sampling steps clients record spatial "
                    "statistics over (default 20; as `mos fuse --steps`)")
     p.add_argument("--sample-seed", type=int, default=0, help="stage 3: sampling seed (default 0)")
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     keys = check(args)
     fusion = FusionConfig(args.method, args.one_shot, args.eps, args.sample_steps, args.sample_seed, args.guidance,
-                          args.gram_dtype, args.placement)  # bad values fail here, before any process starts
+                          args.gram_dtype, args.placement, args.kv_eps)  # bad values fail here, before any process starts
     settings = Settings(str(Path(args.out).resolve()), str(Path(args.state_dir).resolve()), args.rounds,
                         args.min_clients, args.stage_timeout, args.base, not args.no_preview, fusion=fusion)
     tls_names = [args.host, socket.gethostname(), *args.tls_name]

@@ -28,6 +28,9 @@ def register(sub) -> None:
     p.add_argument("--eps", type=parse_eps, default=FUSION_EPS, help="ridge factor ε at every input site (λ = "
                    f"ε·tr(ΣG)/d; default {FUSION_EPS:g}), or 'gcv': λ per site by generalized cross-validation; "
                    "fusion.json records each site's λ")
+    p.add_argument("--kv-eps", type=float, default=None, metavar="EPS",
+                   help="ridge factor of the cross-attention k/v sites (stage 2; default: the base's, 0.1 on world, "
+                   "else --eps)")
     add_base_options(p)
     p.set_defaults(run=run)
 
@@ -38,7 +41,7 @@ def run(args) -> int:
     from mos.shared.fusion.local import fuse, write_result
 
     config = FusionConfig(args.method, args.one_shot, args.eps, args.steps, args.sample_seed, args.guidance,
-                          placement=args.placement)
+                          placement=args.placement, kv_eps=args.kv_eps)
     adapters = [adapter_io.load_scaled(p) for p in args.adapters]
     result = fuse(adapters, args.base, config, args.device, args.dtype)
     out = Path(args.out)
