@@ -189,6 +189,46 @@ def test_fused_result_outside_bounds_is_never_sent(tiny_base, bounded):
         fusion.check_result({layer: (torch.full((4, 1), float("nan")), torch.ones(1, 4))})
 
 
+def test_a_solve_the_concepts_blow_up_is_ridged_back_within_bounds():
+    """Two honest concepts whose rows (in 3 of 8 dimensions) differ by a hair and whose changes disagree: at a tiny
+    ε the solve fits them through that hair and reaches far past both; with bounds the site is solved again at ε ×10 until it is within
+    them (fusion.json says which ε), and the round goes on. Without bounds the plain solve stands."""
+    from mos.shared.formats.adapter import Adapter
+    from mos.shared.sd.concepts import Concept
+    from mos.shared.sd.sites import Site
+
+    d, layer = 8, "unet.x.to_q"
+    site = Site("unet.x.to_q", d, (layer,), (d,), 3)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 3, dtype=torch.float64, generator=g) @ torch.randn(3, d, dtype=torch.float64, generator=g)
+    nudge = 1e-3 * torch.randn(40, d, dtype=torch.float64, generator=g)
+    B = 0.3 * torch.randn(d, 2, generator=g)
+    A = torch.randn(2, d, generator=g)
+    adapters = [Adapter("fp", [Concept(n, "doll", torch.zeros(16, 2, 4))], {layer: (sign * B, A)})
+                for n, sign in (("alice", 1.0), ("bob", -1.0))]
+    rows = {"alice": X, "bob": X + nudge}
+
+    def fused(bounds):
+        fusion = Fusion("fp", [site], FusionConfig(eps=1e-8), bounds)
+        try:
+            for a in adapters:
+                fusion.add(a)
+                name = a.concepts[0].name
+                fusion.add_stats(name, {site.name: Gram(rows[name].T @ rows[name], 40)})
+            return fusion.solve(3)[layer], fusion.report()["eps_per_site"][site.name]
+        finally:
+            fusion.close()
+
+    w = float(A.double().norm())  # a base weight as large as one concept's A: each change is within 2x of it
+    bounds = Bounds({layer: w}, {})
+    (Bp, Ap), eps_plain = fused(None)
+    assert float((Bp.double() @ Ap.double()).norm()) > 2 * bounds.max_delta * w  # the blow-up, unbounded
+    (Bb, Ab), eps_bounded = fused(bounds)
+    assert float((Bb.double() @ Ab.double()).norm()) <= 2 * bounds.max_delta * w
+    assert eps_plain == 1e-8 and eps_bounded > 1e-8
+    assert eps_bounded >= 1e-2 * (1 - 1e-9)  # raised: from 1e-3 (the floor a raise starts from) ×10 and up
+
+
 def test_huge_class_word_and_name_with_newline_are_refused_on_the_wire(tiny_base):
     manifest = wire.BaseManifest.from_base(tiny_base)
     alice = random_adapter(tiny_base, "alice", "doll", 1)

@@ -56,6 +56,8 @@ class StageRunner(Protocol):
 # sizes with full-rank Grams, ~4N·Σ_sites(layers·d²) multiply-adds per concept, i.e. ~50 G per concept at N = 100,
 # more than the intake; at N = 3 the report took 2.4 s wall (bench/fusion_scale.py --real --ns 3).
 RESIDUALS_UPTO = 16
+RIDGE_RAISES = 4          # a site over its bounds is solved again at ε ×10, up to this many times (ε ×10⁴)
+RIDGE_RAISE_FROM = 1e-3   # the smallest ε a raise starts from (a configured ε = 0, or a GCV choice near the floor)
 
 # Factored Grams are summed with float32 RᵀR products at a fixed ε of at least this (solver.py, "Gram precision":
 # the fused ΔW moves by ~2e-6 relative at ε = 1e-2, ~6e-5 at 1e-4 on the scale benchmark's Grams).
@@ -156,13 +158,14 @@ class Fusion:
     def _sums(self, site: str) -> solver.SiteSums:
         if site not in self.sums:
             store = SpilledTerms(self.spill / "terms" / f"{len(self.sums):04d}")  # site names are not file names
-            self.sums[site] = solver.SiteSums(site, self.sites[site].dim, store, self._factor_products())
+            products = self._factor_products(self.config.eps_at(self.sites[site].stage))
+            self.sums[site] = solver.SiteSums(site, self.sites[site].dim, store, products)
         return self.sums[site]
 
-    def _factor_products(self) -> torch.dtype:
+    @staticmethod
+    def _factor_products(eps: float | None) -> torch.dtype:
         """float32 RᵀR products (half the intake's time) only with a fixed ridge large enough that their rounding
         stays far below fp16 weights' resolution (solver.py, "Gram precision"); float64 for GCV or a small ε."""
-        eps = self.config.eps
         return torch.float32 if eps is not None and eps >= FLOAT32_PRODUCTS_MIN_EPS else torch.float64
 
     def _kept(self, stats: Stats | dict[str, StoredGram]) -> dict[str, StoredGram]:
@@ -272,13 +275,32 @@ class Fusion:
                 raise FusionError(f"concept {missing[0][0]!r} sent no statistics for {missing[0][1]} "
                                   f"({len(missing)} site(s) missing)")
             names = [s.name for s in sorted(sites, key=lambda s: -s.dim) if s.name in self.sums]
-            solved = dict(zip(names, in_parallel(lambda n: _float32(self.sums[n].solve(self.config.eps)), names,
-                                                 self.workers)))
+            solved = dict(zip(names, in_parallel(self._solve_site, names, self.workers)))
             self.solved[stage] = {s.name: solved[s.name] for s in sites if s.name in self.sums}
             out = {l: BA for sol in self.solved[stage].values() for l, BA in sol.loras.items()}
         self.timings[f"stage{stage}_solve_s"] = time.perf_counter() - t0
         self.check_result(out)
         return out
+
+    def _solve_site(self, name: str) -> solver.SiteSolution:
+        """The site's ridge solution; with bounds, at the smallest ε (the configured one, then ×10 each try) whose
+        layers stay within them. Ridge regression is least squares under a norm bound, so a larger ε is that bound
+        kept: honest concepts whose rows differ little can make a small-ε solve reach far past every concept's
+        own change (the world base's mid-block attention, docs/world.md), which would otherwise fail the round."""
+        sol = _float32(self.sums[name].solve(self.config.eps_at(self.sites[name].stage)))
+        for _ in range(RIDGE_RAISES):
+            if self.bounds is None or self._within_bounds(sol.loras):
+                break
+            sol = _float32(self.sums[name].solve(max(sol.eps, RIDGE_RAISE_FROM) * 10))
+        return sol
+
+    def _within_bounds(self, lora: Lora) -> bool:
+        try:
+            for layer, (B, A) in lora.items():
+                self.bounds.check_delta("the fused result", layer, B, A, factor=max(1, len(self.adapters)))
+        except BoundsError:
+            return False
+        return True
 
     def _weight(self, sites: list[Site]) -> Lora:
         out = {}
