@@ -191,8 +191,9 @@ def test_fused_result_outside_bounds_is_never_sent(tiny_base, bounded):
 
 def test_a_solve_the_concepts_blow_up_is_ridged_back_within_bounds():
     """Two honest concepts whose rows (in 3 of 8 dimensions) differ by a hair and whose changes disagree: at a tiny
-    ε the solve fits them through that hair and reaches far past both; with bounds the site is solved again at ε ×10 until it is within
-    them (fusion.json says which ε), and the round goes on. Without bounds the plain solve stands."""
+    ε the solve fits them through that hair and reaches far past both; with bounds the site is solved again at
+    ε ×10 until it is within them (fusion.json says which ε), and the round goes on. Without bounds the plain
+    solve stands."""
     from mos.shared.formats.adapter import Adapter
     from mos.shared.sd.concepts import Concept
     from mos.shared.sd.sites import Site

@@ -4,8 +4,8 @@
    own colours (binding), plain prompt vs regional sampling? (`--base-only` stops here: no tuning, a minute.)
 1. One concept: ED-LoRA vs plain LoRA (no concept tokens, trigger "sks CLASS") — how often the judge recognises
    the concept in the box the prompt put it in.
-2. Two and three concepts fused: gradient fusion (staged; with `--one-shot` also one-shot) vs weight fusion — each concept's recognition
-   rate relative to its own single-concept ED-LoRA (1.0 = no identity lost).
+2. Two and three concepts fused: gradient fusion (staged; with `--one-shot` also one-shot) vs weight fusion —
+   each concept's recognition rate relative to its own single-concept ED-LoRA (1.0 = no identity lost).
 3. Multi-concept pictures from the three-concept gradient-fused model, each object in a square of the base's own
    size side by side: regional sampling vs the plain prompt — how often every concept is found in its box ("all
    present"), and, with a concept beside a world object of a named colour, how often that object has its shape

@@ -93,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
     from mos.shared.fusion.config import FusionConfig
 
     keys = check(args)
+    # bad values fail here, before any process starts
     fusion = FusionConfig(args.method, args.one_shot, args.eps, args.sample_steps, args.sample_seed, args.guidance,
-                          args.gram_dtype, args.placement, args.kv_eps)  # bad values fail here, before any process starts
+                          args.gram_dtype, args.placement, args.kv_eps)
     settings = Settings(str(Path(args.out).resolve()), str(Path(args.state_dir).resolve()), args.rounds,
                         args.min_clients, args.stage_timeout, args.base, not args.no_preview, fusion=fusion)
     tls_names = [args.host, socket.gethostname(), *args.tls_name]

@@ -291,7 +291,7 @@ class Fusion:
         for _ in range(RIDGE_RAISES):
             if self.bounds is None or self._within_bounds(sol.loras):
                 break
-            sol = _float32(self.sums[name].solve(max(sol.eps, RIDGE_RAISE_FROM) * 10))
+            sol = _float32(self.sums[name].solve(max(RIDGE_RAISE_FROM, sol.eps) * 10))  # max ignores a NaN ε
         return sol
 
     def _within_bounds(self, lora: Lora) -> bool:
