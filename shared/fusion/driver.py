@@ -254,12 +254,17 @@ class Fusion:
     def check_result(self, lora: Lora) -> None:
         """Before anything is sent: every fused layer finite and, with bounds, within what the concepts in it
         could reach together."""
-        n = max(1, len(self.adapters))
         for layer, (B, A) in lora.items():
             if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
                 raise FusionError(f"fused layer {layer}: NaN or Inf in the result; nothing is sent")
-            if self.bounds is not None:
-                _bounded(self.bounds.check_delta, "the fused result", layer, B, A, factor=n)
+        if self.bounds is not None:
+            _bounded(self._check_reach, lora)
+
+    def _check_reach(self, lora: Lora) -> None:
+        """BoundsError unless every fused layer is within n× the per-concept bound for n concepts."""
+        n = max(1, len(self.adapters))
+        for layer, (B, A) in lora.items():
+            self.bounds.check_delta("the fused result", layer, B, A, factor=n)
 
     # --- solving --------------------------------------------------------------------------------------------
 
@@ -296,8 +301,7 @@ class Fusion:
 
     def _within_bounds(self, lora: Lora) -> bool:
         try:
-            for layer, (B, A) in lora.items():
-                self.bounds.check_delta("the fused result", layer, B, A, factor=max(1, len(self.adapters)))
+            self._check_reach(lora)
         except BoundsError:
             return False
         return True
