@@ -1,6 +1,7 @@
 """bench/gpu.sh runs on a machine without a GPU (tiny base, CPU, smallest settings), so the GPU check cannot rot:
 every part exits 0 and gpu.json carries its figures. The measurements themselves are not checked (benches
-print and write JSON; docs/figures.md holds the figures)."""
+print and write JSON; docs/figures.md holds the figures). bench/lora_forward.py runs on the world base the same
+way; what it checks is that its two LoRA forms agree."""
 
 from __future__ import annotations
 
@@ -38,3 +39,15 @@ def test_gpu_script_round_runs_on_cpu(tmp_path):
     r = run_gpu_sh(tmp_path, "round", 600)["summary"]["round"]
     assert r["finished"] and r["same_adapter"]
     assert set(r["stage_s"]) == {"train.tune", "query.kv", "query.spatial", "train.result"}
+
+
+def test_lora_forward_bench_runs_and_its_forms_agree(tmp_path):
+    """bench/lora_forward.py on the world base (whose layers merge): it writes its JSON, and the two forms agree."""
+    out = tmp_path / "lora_forward.json"
+    bench = GPU_SH.parent / "lora_forward.py"
+    proc = subprocess.run([sys.executable, str(bench), "--base", "world", "--steps", "1", "--warmup", "0",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["agreement"]["grad_rel_diff_max"] < 1e-4 and r["agreement"]["loss_rel_diff"] < 1e-5
+    assert r["layers_merged"]["tune"]["merged"] > 0 and set(r["ratio_merged_over_peft"]) == {"tune", "sample"}

@@ -12,6 +12,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
+from mos.shared.sd.lora_layers import CUSTOM
+
 ADAPTER = "default"
 Lora = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (B, A)
 
@@ -22,7 +24,8 @@ def _split(layer: str) -> tuple[str, str]:
 
 
 def inject(models: dict[str, torch.nn.Module], ranks: dict[str, int]) -> None:
-    """Wrap each named layer in a peft LoRA of its own rank (alpha = rank, so peft's scale is 1)."""
+    """Wrap each named layer in a peft LoRA of its own rank (alpha = rank, so peft's scale is 1); lora_layers.py
+    says when a layer applies it as one merged weight."""
     for component, model in models.items():
         mine = {path: r for layer, r in ranks.items() for comp, path in [_split(layer)] if comp == component}
         if not mine:
@@ -31,6 +34,7 @@ def inject(models: dict[str, torch.nn.Module], ranks: dict[str, int]) -> None:
         config = LoraConfig(r=max(mine.values()), lora_alpha=max(mine.values()), target_modules=sorted(mine),
                             rank_pattern={f"^{p}$": r for p, r in mine.items()},
                             alpha_pattern={f"^{p}$": r for p, r in mine.items()}, init_lora_weights=True)
+        config._register_custom_module(CUSTOM)  # peft's layers, applied as one weight where that is cheaper
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
 
 
