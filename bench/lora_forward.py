@@ -1,15 +1,16 @@
 """peft's two-product LoRA form against one merged weight (shared/sd/lora_layers.py); not a test.
 
-On one model with the base's own recipe (the world base: rank 16 on the wide placement), interleaved round by
-round so both forms share whatever else the machine is doing:
+On one model with the base's own recipe (the world base: rank 16 on the wide placement), the two forms
+alternating call by call so both share whatever else the machine is doing:
   tune    one ED-LoRA training step (`train_step`)
-  sample  one denoiser call without gradients, classifier-free batch of two, as the sampler makes it
+  sample  one denoiser call without gradients, classifier-free batch of two, as the sampler makes it (with the
+          concept being tuned, or with --adapter's)
 each once with the layers choosing the merged weight where it is cheaper (the product) and once in peft's form.
 It also checks that the forms agree: the loss and every LoRA gradient of one batch, relative difference.
 
 Usage (repo root, package installed):
     python bench/lora_forward.py                  # world base, one thread (about 2 minutes)
-    python bench/lora_forward.py --base tiny --steps 5
+    python bench/lora_forward.py --adapter FUSED_FOLDER   # sampling with a fused (full-rank) adapter
 Writes JSON (default bench/results/lora_forward.json) and prints it.
 """
 
@@ -26,9 +27,11 @@ from pathlib import Path
 import torch
 
 from mos.client.tuning.data import load_concept, make_batch
-from mos.client.tuning.edlora import TuneConfig, compute_loss, make_trainer, token_ids, train_step
+from mos.client.tuning.edlora import TuneConfig, compute_loss, make_trainer, train_step
 from mos.client.tuning.tune import settle
+from mos.shared.formats import adapter as adapter_mod
 from mos.shared.sd.base import load_base
+from mos.shared.sd.model import ConceptModel
 from mos.shared.sd.lora_layers import merges, peft_form
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +89,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="measured rounds")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--adapter", default=None, help="time sampling with this adapter folder (e.g. a fused one, "
+                    "full rank) instead of the concept being tuned")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "lora_forward.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,33 +102,40 @@ def main() -> None:
     check = agreement(trainer, batches[0])
     share = merged_share(trainer, batches[0])
 
-    ids = token_ids(trainer, [batches[0].captions[0], ""])[0]  # classifier-free: the caption and the empty one
+    sampler = trainer.model
+    if args.adapter:
+        adapter = adapter_mod.load(args.adapter)
+        sampler = ConceptModel.from_adapter(load_base(args.base, "cpu", None), adapter)
+        prompt = f"a photo of {adapter.concepts[0].handle}"
+    else:
+        prompt = batches[0].captions[0].replace("<TOK>", trainer.concept.handle)
     with torch.no_grad():
-        cond = trainer.base.text_encoder(ids.reshape(-1, ids.shape[-1])).last_hidden_state
-    cond = cond.view(2, -1, *cond.shape[1:])
+        cond = sampler.encode([prompt, ""])  # classifier-free: the prompt and the empty one
     side = base.resolution // 2 ** (len(base.vae.config.block_out_channels) - 1)
     latents = torch.randn(2, base.unet.config.in_channels, side, side)
     t = torch.tensor([500, 500])
 
-    jobs = [(kind, f) for kind in ("tune", "sample") for f in FORMS]
-    ms = {f"{k}_{f}": [] for k, f in jobs}
-    for i in range(args.warmup + args.steps):
-        for kind, f in jobs[i % len(jobs):] + jobs[:i % len(jobs)]:
-            t0 = time.perf_counter()
-            with form(f):
-                if kind == "tune":
-                    train_step(trainer, batches[i % len(batches)], i)
-                else:
-                    with torch.no_grad():
-                        trainer.model.predict(latents, t, cond)
-            if i >= args.warmup:
-                ms[f"{kind}_{f}"].append((time.perf_counter() - t0) * 1e3)
+    # Each kind on its own, its two forms alternating (AB, BA, ...): a call right after a tuning step runs on
+    # cold caches, so mixing the kinds in one rotation would always charge that to the same form.
+    ms = {f"{kind}_{f}": [] for kind in ("tune", "sample") for f in FORMS}
+    for kind in ("tune", "sample"):
+        for i in range(args.warmup + args.steps):
+            for f in FORMS if i % 2 == 0 else FORMS[::-1]:
+                t0 = time.perf_counter()
+                with form(f):
+                    if kind == "tune":
+                        train_step(trainer, batches[i % len(batches)], i)
+                    else:
+                        with torch.no_grad():
+                            sampler.predict(latents, t, cond)
+                if i >= args.warmup:
+                    ms[f"{kind}_{f}"].append((time.perf_counter() - t0) * 1e3)
 
     def ratio(a: str, b: str) -> float:
         return round(statistics.median(x / y for x, y in zip(ms[a], ms[b])), 3)
 
     result = {
-        "base": args.base, "rank": cfg.rank, "placement": cfg.placement, "batch_size": cfg.batch_size,
+        "base": args.base, "sample_adapter": args.adapter, "rank": cfg.rank, "placement": cfg.placement, "batch_size": cfg.batch_size,
         "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
         "ms_median": {k: round(statistics.median(v), 1) for k, v in ms.items()},
         "ratio_merged_over_peft": {"tune": ratio("tune_merged", "tune_peft"),
