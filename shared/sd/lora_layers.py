@@ -2,16 +2,16 @@
 
 peft applies a LoRA as W0·x + s·B(A·x): two extra products over the layer's n input rows. On a layer only a few
 times wider than the rank (the toy bases' 32-64-wide layers at rank 16; any layer of a full-rank fused adapter) it
-is cheaper to form W = W0 + s·B@A once per call (peft's own `get_delta_weight`) and apply that. Per call, with
-h = d_in·d_out / (d_in + d_out):
+is cheaper to form W = W0 + s·B@A once per call (peft's own `get_delta_weight` for a linear layer, one product
+over unfolded patches for a convolution) and apply that. Per call, with h = d_in·d_out / (d_in + d_out):
 
 - no gradient: the two products cost n·r·(d_in + d_out), forming W costs r·d_in·d_out: merge when h < n;
 - tuning: the products and their backward cost 3·n·r·(d_in + d_out); merging adds the weight's gradient
   (n·d_in·d_out) and the chain back to A and B (3·r·d_in·d_out): merge when h < 3·n·r / (n + 3·r).
 
 The two forms are the same function (to float rounding) with the same gradients for A and B. Measured on the
-world base (one ED-LoRA step, one core), the merged form makes the step about a quarter cheaper; on SD1.5 at
-rank 4 (h ≥ 160 against 3r = 12) tuning keeps peft's form. Anything peft's plain form does not cover (dropout,
+world base (`bench/lora_forward.py`, one core), the merged form makes an ED-LoRA step about 15 % cheaper and a
+denoiser call about 12 %; on SD1.5 at rank 4 (h ≥ 160 against 3r = 12) tuning keeps peft's form. Anything peft's plain form does not cover (dropout,
 DoRA and other variants, several active adapters, merged or disabled adapters, mixed-adapter batches, a weight in
 another dtype than the LoRA's) goes to peft's own forward.
 """
