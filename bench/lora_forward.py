@@ -17,10 +17,8 @@ Writes JSON (default bench/results/lora_forward.json) and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +29,10 @@ from mos.client.tuning.edlora import TuneConfig, compute_loss, make_trainer, tra
 from mos.client.tuning.tune import settle
 from mos.shared.formats import adapter as adapter_mod
 from mos.shared.sd.base import load_base
-from mos.shared.sd.model import ConceptModel
 from mos.shared.sd.lora_layers import merges, peft_form
+from mos.shared.sd.model import ConceptModel
+
+from output import write  # bench/output.py: the script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 FORMS = ("merged", "peft")
@@ -141,12 +141,8 @@ def main() -> None:
         "ratio_merged_over_peft": {"tune": ratio("tune_merged", "tune_peft"),
                                    "sample": ratio("sample_merged", "sample_peft")},
         "layers_merged": share, "agreement": check,
-        "command": " ".join(["python", "bench/lora_forward.py", *sys.argv[1:]]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write(result, args.out, "bench/lora_forward.py")
 
 
 if __name__ == "__main__":

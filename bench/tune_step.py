@@ -19,11 +19,9 @@ Writes JSON (default bench/results/tune_step.json) and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +30,8 @@ import torch
 from mos.client.tuning.data import load_concept, make_batch
 from mos.client.tuning.edlora import TuneConfig, make_trainer, token_ids, train_step
 from mos.shared.sd.base import load_base
+
+from output import write  # bench/output.py: the script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"lora": dict(layerwise=False, use_masks=False), "edlora": dict(layerwise=True, use_masks=False),
@@ -151,12 +151,8 @@ def main() -> None:
                                   "every later position (padding included) attends to the concept tokens"},
         "peak_gpu_memory_gib": {k: round(v, 2) for k, v in peak.items()} if base.device.type == "cuda" else None,
         "base_load_s": round(load_s, 1), "total_s": round(time.perf_counter() - t_start, 1),
-        "command": " ".join(["python", "bench/tune_step.py", *sys.argv[1:]]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write(result, args.out, "bench/tune_step.py")
 
 
 if __name__ == "__main__":
