@@ -17,6 +17,7 @@ Writes JSON (default bench/results/lora_forward.json) and prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -28,6 +29,7 @@ from mos.client.tuning.data import load_concept, make_batch
 from mos.client.tuning.edlora import TuneConfig, compute_loss, make_trainer, train_step
 from mos.client.tuning.tune import settle
 from mos.shared.formats import adapter as adapter_mod
+from mos.shared.sd import lora as lora_mod
 from mos.shared.sd.base import load_base
 from mos.shared.sd.lora_layers import merges, peft_form
 from mos.shared.sd.model import ConceptModel
@@ -39,7 +41,7 @@ FORMS = ("merged", "peft")
 
 
 def form(name: str):
-    return peft_form() if name == "peft" else torch.enable_grad()  # enable_grad: a no-op context
+    return peft_form() if name == "peft" else contextlib.nullcontext()
 
 
 def gradients(trainer, batch) -> tuple[float, dict[str, torch.Tensor]]:
@@ -63,17 +65,14 @@ def agreement(trainer, batch) -> dict:
 def merged_share(trainer, batch) -> dict:
     """How many LoRA layers choose the merged weight in a tuning step and in a sampling call."""
     counts = {"tune": [0, 0], "sample": [0, 0]}
-    layers = [m for m in trainer.model.base.unet.modules() if hasattr(m, "lora_A")]
-    layers += [m for m in trainer.model.base.text_encoder.modules() if hasattr(m, "lora_A")]
+    layers = lora_mod.lora_layers(trainer.model.models).values()
 
     def hook(kind):
-        def fn(m, args, kwargs):
-            x = args[0]
-            rows = x.numel() // x.shape[-1] if x.dim() != 4 else x.shape[0] * x.shape[2] * x.shape[3]
-            counts[kind][merges(m, x, rows, {}) is not None] += 1
+        def fn(m, args):
+            counts[kind][merges(m, args[0], m.rows(args[0]), {}) is not None] += 1
         return fn
     for kind, grad in (("tune", True), ("sample", False)):
-        hs = [m.register_forward_pre_hook(hook(kind), with_kwargs=True) for m in layers]
+        hs = [m.register_forward_pre_hook(hook(kind)) for m in layers]
         with torch.set_grad_enabled(grad):
             compute_loss(trainer, batch, 0)
         for h in hs:

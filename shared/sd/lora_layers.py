@@ -56,8 +56,11 @@ def merges(layer: peft_lora.LoraLayer, x: torch.Tensor, rows: int, kwargs: dict)
 
 
 class Linear(peft_lora.Linear):
+    def rows(self, x: torch.Tensor) -> int:
+        return x.numel() // max(1, x.shape[-1])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        a = merges(self, x, x.numel() // max(1, x.shape[-1]), kwargs)
+        a = merges(self, x, self.rows(x), kwargs)
         if a is None or args:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
@@ -65,10 +68,13 @@ class Linear(peft_lora.Linear):
 
 
 class Conv2d(peft_lora.Conv2d):
+    def rows(self, x: torch.Tensor) -> int:
+        stride = self.get_base_layer().stride
+        return x.shape[0] * (x.shape[-2] // stride[0]) * (x.shape[-1] // stride[1])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
-        rows = x.shape[0] * (x.shape[-2] // base.stride[0]) * (x.shape[-1] // base.stride[1])
-        a = merges(self, x, rows, kwargs)
+        a = merges(self, x, self.rows(x), kwargs)
         if a is None or args or base.groups != 1:
             return super().forward(x, *args, **kwargs)
         # ΔW as one product over unfolded patches (lora.py): peft's get_delta_weight convolves A with B, several
