@@ -10,7 +10,8 @@ import torch
 
 from mos.shared.sampling.denoise import denoise, initial_latents
 from mos.shared.sampling.layout import LayoutError, Region, cells, check_handles, load_layout, parse_region
-from mos.shared.sampling.regional import RegionalAttnProcessor, denoise_regional, grid_size, make_plan
+from mos.shared.sampling.regional import (RegionalAttnProcessor, batch_plan, denoise_batch, denoise_regional,
+                                         grid_size, make_plan)
 from mos.shared.sd.concepts import UnknownConceptError
 from mos.shared.sd.model import LayerwiseAttnProcessor
 from mos.shared.sd.sites import cross_attention_layers
@@ -147,6 +148,24 @@ def test_full_cover_region_with_global_prompt_is_plain_sampling(model):
     two = [Region("a photo of <bob>", box=(0, 0, 0.5, 1)), Region("a tree", box=(0.5, 0, 1, 1))]
     other = denoise_regional(model, prompt, neg, two, lat, steps=STEPS, guidance=7.5, progress=False)
     assert (other - plain).abs().max() > 1e-3  # regions change the image
+
+
+def test_a_batch_of_pictures_is_each_picture_sampled_alone(model):
+    """Pictures sharing boxes but not prompts, sampled in one batch under guidance: each is what it is alone, to
+    float rounding (the per-picture region contexts sit where the denoiser's [uncond, cond] batch expects)."""
+    boxes = [(0, 0, 0.5, 1), (0.5, 0, 1, 1)]
+    jobs = [("a <alice> and a <bob>", [Region("a <alice>", "", boxes[0]), Region("a <bob>", "blurry", boxes[1])]),
+            ("a tree and a <alice>", [Region("a tree", "", boxes[0]), Region("a <alice>", "", boxes[1])]),
+            ("a <bob> and a cat", [Region("a <bob>", "", boxes[0]), Region("a cat", "", boxes[1])])]
+    lat = torch.cat([initial_latents(model, 1, seed=10 + i) for i in range(len(jobs))])
+    together = denoise_batch(model, jobs, lat, "ugly", steps=STEPS, guidance=7.5, progress=False)
+    for i, (prompt, regions) in enumerate(jobs):
+        alone = denoise_regional(model, prompt, "ugly", regions, lat[i:i + 1], steps=STEPS, guidance=7.5,
+                                 progress=False)
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+    assert (together[0] - together[1]).abs().max() > 1e-3  # each picture kept its own prompts
+    with pytest.raises(ValueError, match="share their regions' boxes"):
+        batch_plan(model, [jobs[0][1], [Region("a cat", "", (0, 0, 1, 1))]], "", 7.5, (8, 8))
 
 
 def test_same_seed_same_image(model):

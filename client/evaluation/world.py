@@ -15,6 +15,7 @@ Everything is seeded; tuned adapters are cached in the work folder, so a second 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -29,10 +30,10 @@ from tqdm.auto import tqdm
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
-from mos.shared.sampling.denoise import sample
+from mos.shared.sampling.denoise import decode, initial_latents, sample
 from mos.shared.sampling.layout import Region
-from mos.shared.sampling.regional import sample_regional
-from mos.shared.sampling.t2i import layout_attached
+from mos.shared.sampling.regional import denoise_batch
+from mos.shared.sampling.t2i import concept_boxes, layout_attached
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
 from mos.shared.world import scenes as world
@@ -157,39 +158,31 @@ def column_box(i: int, k: int) -> tuple[float, float, float, float]:
     return ((i + x0) / k, y0, (i + x1) / k, y1)
 
 
-def draw(model: ConceptModel, prompt: str, regions: list[Region] | tuple, seed: int, s: Settings, layout: bool,
-         width: int = 1) -> Image.Image:
-    """One picture, `width` times as wide as the base's; with regions and `layout`, regional sampling as
-    Mix-of-Show does it: the region prompts plus a spatial condition, here the base's layout adapter asking for one
-    object in each box (where it ships one)."""
-    size = (width * model.base.resolution, model.base.resolution)
-    with layout_attached(model.base, regions if layout else [], size):
-        return sample_regional(model, prompt, regions=regions, seed=seed, steps=s.sample_steps, size=size,
-                               progress=False)
-
-
 def pair_prompt(left: str, right: str, regional: bool) -> tuple[str, list[Region] | tuple]:
     """The prompt and regions (regional: each phrase in its half) of a picture of `left` beside `right`."""
     regions = [Region(left, box=HALVES["left"]), Region(right, box=HALVES["right"])] if regional else ()
     return f"{left} on the left and {right} on the right", regions
 
 
-def pair(model: ConceptModel, judge: Judge, left: str, right: str, regional: bool, seed: int, s: Settings,
-         layout: bool = True) -> tuple[Image.Image, list[dict]]:
-    """A picture of `left` on the left and `right` on the right (regional: each phrase in its half), and what the
-    judge sees in each half."""
-    img = draw(model, *pair_prompt(left, right, regional), seed, s, layout)
-    return img, judge(img, [box("left"), box("right")])
-
-
 def draw_all(model: ConceptModel, jobs: list[tuple[str, list[Region] | tuple]], seed: int, s: Settings,
-             width: int) -> list[Image.Image]:
-    """Pictures `width` times as wide as the base's, one per (prompt, regions), seeds seed, seed + 1, …: plain
-    prompts in one batch (on a base this small, 16 pictures cost about what 2 do), regional ones one by one."""
-    if any(regions for _, regions in jobs):
-        return [draw(model, prompt, regions, seed + i, s, True, width) for i, (prompt, regions) in enumerate(jobs)]
+             width: int = 1, layout: bool = True) -> list[Image.Image]:
+    """Pictures `width` times as wide as the base's, one per (prompt, regions), seeds seed, seed + 1, …. With
+    regions, regional sampling as Mix-of-Show does it: the region prompts plus a spatial condition, here (with
+    `layout`) the base's layout adapter asking for one object in each box, where it ships one. Pictures with the
+    same layout (boxes, and which of them name a concept) go in one batch: on a base this small, 16 pictures cost
+    about what 2 do."""
     size = (width * model.base.resolution, model.base.resolution)
-    return sample(model, [prompt for prompt, _ in jobs], seed=seed, steps=s.sample_steps, size=size, progress=False)
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, regions) in enumerate(jobs):
+        groups.setdefault((tuple(r.box for r in regions), tuple(concept_boxes(regions))), []).append(i)
+    out: dict[int, Image.Image] = {}
+    for members in groups.values():
+        regions = jobs[members[0]][1]
+        lat = torch.cat([initial_latents(model, 1, seed + i, size) for i in members])
+        with layout_attached(model.base, regions, size) if regions and layout else contextlib.nullcontext():
+            lat = denoise_batch(model, [jobs[i] for i in members], lat, steps=s.sample_steps, progress=False)
+        out.update(zip(members, decode(model, lat)))
+    return [out[i] for i in range(len(jobs))]
 
 
 def prompt_following(model: ConceptModel, judge: Judge, s: Settings) -> float:
@@ -206,11 +199,14 @@ def prompt_following(model: ConceptModel, judge: Judge, s: Settings) -> float:
 
 def object_binding(model: ConceptModel, judge: Judge, s: Settings, regional: bool, layout: bool = True) -> float:
     """How often two named objects both keep their shape and colour, each in its own half."""
-    colours, hits = list(world.COLOURS), 0
-    for i in range(s.images):
-        objects = [(colours[(2 * i + k) % len(colours)], world.SHAPES[(i + 1 + 2 * k) % len(world.SHAPES)])
-                   for k in (0, 1)]
-        _, got = pair(model, judge, *(f"a {c} {sh}" for c, sh in objects), regional, s.seed + 400 + i, s, layout)
+    colours = list(world.COLOURS)
+    pairs = [[(colours[(2 * i + k) % len(colours)], world.SHAPES[(i + 1 + 2 * k) % len(world.SHAPES)]) for k in (0, 1)]
+             for i in range(s.images)]
+    jobs = [pair_prompt(*(f"a {c} {sh}" for c, sh in objects), regional) for objects in pairs]
+    images = draw_all(model, jobs, s.seed + 400, s, layout=layout)
+    hits = 0
+    for img, objects in zip(images, pairs):
+        got = judge(img, [box("left"), box("right")])
         hits += all(g["object"] == sh and g["colour"] == c for g, (c, sh) in zip(got, objects))
     return hits / s.images
 

@@ -119,14 +119,23 @@ def regional_attention(model: ConceptModel, plan: RegionPlan) -> Iterator[None]:
 
 def make_plan(model: ConceptModel, regions: Sequence[Region], negative: str, guidance: float,
               latent_hw: tuple[int, int]) -> RegionPlan:
-    """Encode each region's prompt (and negative; empty -> the global negative) layer-wise."""
-    cond = model.encode([r.prompt for r in regions])  # [R, layers, 77, dim]
+    """One picture's plan: each region's prompt (and negative; empty -> the global negative), encoded layer-wise."""
+    return batch_plan(model, [regions], negative, guidance, latent_hw)
+
+
+def batch_plan(model: ConceptModel, pictures: Sequence[Sequence[Region]], negative: str, guidance: float,
+               latent_hw: tuple[int, int]) -> RegionPlan:
+    """The plan of several pictures sampled as one batch: their regions share boxes, each has its own prompts.
+    The context's batch follows the denoiser's: [uncond of every picture, cond of every picture]."""
+    boxes = [r.box for r in pictures[0]]
+    if any([r.box for r in regions] != boxes for regions in pictures):
+        raise ValueError("pictures sampled in one batch must share their regions' boxes")
+    flat = [r for regions in pictures for r in regions]
+    per_region = lambda x: x.view(len(pictures), len(boxes), *x.shape[1:]).transpose(0, 1)  # [R, P, layers, 77, dim]
+    cond = per_region(model.encode([r.prompt for r in flat]))
     if guidance > 1.0:
-        uncond = model.encode([r.negative or negative for r in regions])
-        context = torch.stack([uncond, cond], dim=1)
-    else:
-        context = cond[:, None]
-    return RegionPlan([r.box for r in regions], context, latent_hw)
+        cond = torch.cat([per_region(model.encode([r.negative or negative for r in flat])), cond], dim=1)
+    return RegionPlan(boxes, cond, latent_hw)
 
 
 def denoise_regional(model: ConceptModel, prompt: str, negative: str = "", regions: Sequence[Region] = (),
@@ -140,13 +149,22 @@ def denoise_regional(model: ConceptModel, prompt: str, negative: str = "", regio
     """
     if latents is None:
         latents = initial_latents(model, 1, seed, size)
-    if any(r.in_pixels for r in regions):
+    return denoise_batch(model, [(prompt, regions)], latents, negative, steps, guidance, scheduler, progress)
+
+
+def denoise_batch(model: ConceptModel, jobs: Sequence[tuple[str, Sequence[Region]]], latents: torch.Tensor,
+                  negative: str = "", steps: int = 20, guidance: float = 7.5, scheduler: str = "dpm++",
+                  progress: bool = True) -> torch.Tensor:
+    """Final latents [P, C, h, w] of P pictures, each (prompt, regions), from latents [P, …]; their regions share
+    boxes (batch_plan). On a small base P pictures in one batch cost little more than one."""
+    if any(r.in_pixels for _, regions in jobs for r in regions):
         raise ValueError("regional sampling takes boxes in fractions: call Region.fractions(size) first")
-    cond = model.encode([prompt])
-    uncond = model.encode([negative]) if guidance > 1.0 else None
+    cond = model.encode([prompt for prompt, _ in jobs])
+    uncond = model.encode([negative] * len(jobs)) if guidance > 1.0 else None
     ctx = contextlib.nullcontext()
-    if regions:
-        ctx = regional_attention(model, make_plan(model, regions, negative, guidance, tuple(latents.shape[-2:])))
+    if any(regions for _, regions in jobs):
+        plan = batch_plan(model, [regions for _, regions in jobs], negative, guidance, tuple(latents.shape[-2:]))
+        ctx = regional_attention(model, plan)
     with ctx:
         return denoise(model, cond, uncond, latents, steps, guidance, scheduler, progress=progress)
 
@@ -157,3 +175,4 @@ def sample_regional(model: ConceptModel, prompt: str, negative: str = "", region
     """One image; the same seed gives the same image."""
     lat = denoise_regional(model, prompt, negative, regions, None, seed, steps, guidance, size, scheduler, progress)
     return decode(model, lat)[0]
+
