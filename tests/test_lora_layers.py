@@ -76,3 +76,15 @@ def test_what_the_merged_form_does_not_cover_goes_to_peft():
     m.enable_adapters(False)
     assert merges(m, x, 64, {}) is None
     torch.testing.assert_close(m(x), m.get_base_layer()(x))
+
+
+def test_disabled_gives_the_base_layer_and_restores_what_was_trainable():
+    model = _layer("linear", 32, 16)
+    x = torch.randn(5, 32)
+    lora_a = model[0].lora_A[lora_mod.ADAPTER].weight
+    lora_a.requires_grad_(False)  # one frozen, one trainable: both must come back as they were
+    tuned = model(x).detach()
+    with lora_mod.disabled({"m": model}):
+        torch.testing.assert_close(model(x), model[0].get_base_layer()(x))
+    torch.testing.assert_close(model(x), tuned)
+    assert not lora_a.requires_grad and model[0].lora_B[lora_mod.ADAPTER].weight.requires_grad

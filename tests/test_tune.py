@@ -208,6 +208,33 @@ def test_gradient_checkpointing_gives_the_same_step(alice):
     assert all(torch.allclose(out[0][1][k], out[1][1][k], atol=1e-6) for k in out[0][1])
 
 
+def test_the_prior_fits_the_class_pictures_the_base_drew(alice):
+    """Tuned with the class pictures' loss, the model denoises the base's pictures of the class (under the class
+    captions) better than tuned without it; those pictures are the base's whatever the LoRA holds. On the world
+    base, whose recipe has the prior (tiny is random: nothing to keep)."""
+    from mos.client.tuning import prior as prior_mod
+    from mos.client.tuning.data import make_batch, seeded
+    from mos.client.tuning.edlora import denoising_error, make_trainer, train_step
+    from mos.shared.sd.base import load_base
+
+    def class_error(tr) -> float:
+        ids = tr.model.prompts.layerwise_ids(tr.prior.captions)
+        with torch.no_grad():
+            return float(denoising_error(tr, tr.prior.latents, ids, seeded(0, "test", 0)).mean())
+
+    error, drawn = {}, []
+    for weight in (0.0, 1.0):
+        tr = make_trainer(load_base("world"), "alice", "diamond", TuneConfig(steps=40, prior=weight))
+        tr.prior = prior_mod.draw_prior(tr.model, alice, "diamond", 0)
+        drawn.append(tr.prior.latents)
+        for s in range(40):
+            train_step(tr, make_batch(alice, 2, 0, s, 64), s)
+        error[weight] = class_error(tr)
+        assert torch.equal(prior_mod.draw_prior(tr.model, alice, "diamond", 0).latents, drawn[0])  # LoRA off
+    assert tr.prior.captions[0] == alice.items[0].caption.replace("<TOK>", "diamond")
+    assert error[1.0] < 0.9 * error[0.0]
+
+
 # ---------------------------------------------------------------------------------------------- resume, cache
 
 
@@ -384,10 +411,14 @@ def test_class_word_errors(tmp_path):
 def test_cli_tune_and_bad_input(tmp_path):
     out = tmp_path / "bob"
     proc = run_cli("mos", "tune", "--concept", str(DATA / "bob"), "--out", str(out), "--steps", "4",
-                   "--checkpoint-every", "2", "--no-progress")
+                   "--checkpoint-every", "2", "--prior", "0.5", "--no-progress")
     assert Path(proc.stdout.strip()) == out
     info = json.loads((out / "concept.json").read_text())
     assert info["name"] == "bob" and info["class_word"] == "circle" and info["steps"] == 4
+    assert info["config"]["prior"] == 0.5
+    negative = run_cli("mos", "tune", "--concept", str(DATA / "bob"), "--out", str(tmp_path / "n"), "--prior", "-1",
+                       check=False)
+    assert negative.returncode == 2 and "prior's weight" in negative.stderr and "Traceback" not in negative.stderr
     assert (out / "adapter.safetensors").is_file() and (out / "samples.png").is_file()
     (tmp_path / "empty").mkdir()
     bad = run_cli("mos", "tune", "--concept", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), check=False)

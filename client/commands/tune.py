@@ -31,6 +31,9 @@ def register(sub) -> None:
                    "tiny/world: + feed-forward, transformer projections and ResNet convolutions)")
     p.add_argument("--mask-outside", type=float, default=None, help="loss weight outside a concept's masks (0: the "
                    "paper's masked loss, the default on real bases; 1: unmasked, the default on tiny/world)")
+    p.add_argument("--prior", type=float, default=None, help="weight of prior preservation: the base's own pictures "
+                   "of the class, drawn first, are tuned on beside the concept's (0: off, the default on real bases; "
+                   "the world base's recipe sets it)")
     p.add_argument("--class-word", default=None, help="class word that initialises the second token (one token: "
                    "dog, woman, toy...; default: class_word in concept.toml)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
@@ -76,9 +79,9 @@ def run(args) -> int:
         trigger = args.plain or plain_trigger(args.class_word or read_toml(Path(args.concept)).get("class_word") or "")
     try:
         config = TuneConfig(steps=args.steps, rank=args.rank, batch_size=args.batch_size, seed=args.seed,
-                            placement=args.placement, mask_outside=args.mask_outside, trigger=trigger.strip(),
-                            grad_accum=args.grad_accum, crop=args.crop, attention_reg_mode=args.attn_reg,
-                            captions=args.captions)
+                            placement=args.placement, mask_outside=args.mask_outside, prior=args.prior,
+                            trigger=trigger.strip(), grad_accum=args.grad_accum, crop=args.crop,
+                            attention_reg_mode=args.attn_reg, captions=args.captions)
         out = tune(args.concept, args.out, config, args.base, class_word=args.class_word, resume=args.resume,
                    checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
                    gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)

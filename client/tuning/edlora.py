@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from mos.client.tuning import prior as prior_mod
 from mos.client.tuning.attention_reg import AttentionRecorder, attention_loss, recording
 from mos.client.tuning.data import Batch, seeded
 from mos.client.tuning.settings import KIND_DEFAULTS, RECIPES, recipe_for
@@ -43,6 +44,7 @@ class TuneConfig:
     noise_offset: float = 0.01
     embedding_norm_stop: float = 0.55
     attention_reg: float | None = None   # weight of the mask attention regulariser (0: off)
+    prior: float | None = None           # weight of the class pictures' loss (prior.py; 0: off)
     # full: token b's attention should match the mask; partial: only kept inside it (the reference's default,
     # reg_full_identity: false); off. None: the concept's kind decides (settings.KIND_DEFAULTS)
     attention_reg_mode: str | None = None
@@ -92,6 +94,7 @@ class Trainer:
     noise: DDPMScheduler
     scaler: torch.amp.GradScaler
     recorder: AttentionRecorder | None = None
+    prior: prior_mod.Prior | None = None  # the base's class pictures, when the config weighs them
     embedding_frozen: bool = False
     embedding_frozen_at: int | None = None  # the step after which embeddings stopped changing
     losses: list[float] = field(default_factory=list)
@@ -264,9 +267,9 @@ def embedding_norm(trainer: Trainer) -> float:
 def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = True, use_masks: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mse, attention regulariser) of the model on `batch` with the noise and timesteps of draw `step`;
-    padding (batch.valid) never counts."""
+    padding (batch.valid) never counts. With a prior (prior.py), the loss also holds its class pictures' error."""
     cfg, base = trainer.config, trainer.base
-    dev, unet, vae = base.device, base.unet, base.vae
+    dev, vae = base.device, base.vae
     g = seeded(cfg.seed, "noise", step)
     ids, positions = token_ids(trainer, batch.captions, layerwise)
     masked = use_masks and bool(batch.has_mask.any())
@@ -276,20 +279,9 @@ def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = Tr
         dist = vae.encode(batch.pixels.to(dev, vae.dtype)).latent_dist
         latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dev, dist.mean.dtype)
         latents = latents.float() * vae.config.scaling_factor
-    b, ch = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=g) + cfg.noise_offset * torch.randn((b, ch, 1, 1), generator=g)
-    t = torch.randint(0, trainer.noise.config.num_train_timesteps, (b,), generator=g)
-    noise, t = noise.to(dev), t.to(dev)
-    noisy = trainer.noise.add_noise(latents, noise, t)
-    target = prediction_target(trainer, latents, noise, t)
-
     if trainer.recorder is not None:
         trainer.recorder.start(positions if regularised else None)
-    with trainer.autocast():
-        hidden = encode_rows(base.text_encoder, ids.reshape(-1, ids.shape[-1]).to(dev))
-        cond = hidden.view(b, -1, *hidden.shape[1:]) if layerwise else hidden
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-    err = (pred.float() - target.float()) ** 2
+    err = denoising_error(trainer, latents, ids, g, layerwise)
     valid = None if batch.valid is None else batch.valid.to(dev)
     if masked or valid is not None:
         has = batch.has_mask.to(dev) & masked
@@ -298,7 +290,38 @@ def compute_loss(trainer: Trainer, batch: Batch, step: int, layerwise: bool = Tr
         mse = err.mean()
     reg = (attention_loss(trainer.recorder.take(), batch.masks, batch.has_mask, cfg.attention_reg_mode or "full")
            if regularised else err.new_zeros(()))
-    return mse + cfg.attention_reg * reg, mse, reg
+    loss = mse + cfg.attention_reg * reg
+    if trainer.prior is not None and cfg.prior:
+        loss = loss + cfg.prior * prior_error(trainer, step, layerwise)
+    return loss, mse, reg
+
+
+def prior_error(trainer: Trainer, step: int, layerwise: bool = True) -> torch.Tensor:
+    """Mean denoising error on the class pictures of `step` (prior.py), under their class captions."""
+    latents, captions = prior_mod.pick(trainer.prior, trainer.config.seed, step)
+    ids = trainer.model.prompts.layerwise_ids(captions)
+    g = seeded(trainer.config.seed, "prior-noise", step)
+    return denoising_error(trainer, latents.to(trainer.base.device), ids if layerwise else ids[:, 0], g,
+                           layerwise).mean()
+
+
+def denoising_error(trainer: Trainer, latents: torch.Tensor, ids: torch.Tensor, g: torch.Generator,
+                    layerwise: bool = True) -> torch.Tensor:
+    """Squared error [B, C, h, w] of the model's prediction on `latents` noised with draws from `g`, under
+    token ids [B, L, 77] (layer-wise) or [B, 77]."""
+    cfg, base = trainer.config, trainer.base
+    dev = base.device
+    b, ch = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=g) + cfg.noise_offset * torch.randn((b, ch, 1, 1), generator=g)
+    t = torch.randint(0, trainer.noise.config.num_train_timesteps, (b,), generator=g)
+    noise, t = noise.to(dev), t.to(dev)
+    noisy = trainer.noise.add_noise(latents, noise, t)
+    target = prediction_target(trainer, latents, noise, t)
+    with trainer.autocast():
+        hidden = encode_rows(base.text_encoder, ids.reshape(-1, ids.shape[-1]).to(dev))
+        cond = hidden.view(b, -1, *hidden.shape[1:]) if layerwise else hidden
+        pred = base.unet(noisy, t, encoder_hidden_states=cond).sample
+    return (pred.float() - target.float()) ** 2
 
 
 def encode_rows(text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

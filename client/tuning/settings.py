@@ -13,9 +13,10 @@ SAMPLE_STEPS = 20  # sampler steps of the before/after images
 # adapter recipe for a small base"); its placement is architectures.default_placement's, which fusion uses.
 RECIPES = {
     "reference": {"placement": "attention", "rank": 4, "lr_embedding": 1e-3, "lr_text_encoder": 1e-5,
-                  "lr_unet": 1e-4, "mask_outside": 0.0, "attention_reg": 0.01},
+                  "lr_unet": 1e-4, "mask_outside": 0.0, "attention_reg": 0.01, "prior": 0.0},
     "small": {"placement": "wide", "rank": 16, "lr_embedding": 1e-3, "lr_text_encoder": 3e-4,
-              "lr_unet": 3e-3, "mask_outside": 1.0, "attention_reg": 0.0, "batch_size": 4, "steps": 800},
+              "lr_unet": 3e-3, "mask_outside": 1.0, "attention_reg": 0.0, "batch_size": 4, "steps": 800,
+              "prior": 0.0},
 }
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from mos.client.tuning import checkpoint
 from mos.client.tuning.data import ConceptData, image_files, load_concept, make_batch
 from mos.client.tuning.edlora import StepStats, Trainer, TuneConfig, embedding_norm, make_trainer, train_step
+from mos.client.tuning.prior import draw_prior
 from mos.client.tuning.report import plot_loss, sample_grid
 from mos.client.tuning.settings import (CHECKPOINT_EVERY, DEFAULT_PASSES, REFERENCE_BATCH, SAMPLE_STEPS,
                                         SMALL_GPU_BYTES, STEP_CAP)
@@ -116,6 +117,8 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = 
     checkpoint)."""
     if any(v is not None and v < 1 for v in (config.rank, config.batch_size, config.steps, config.grad_accum)):
         raise ValueError("rank, batch size, gradient accumulation and steps must be positive")
+    if config.prior is not None and not config.prior >= 0:
+        raise ValueError(f"the prior's weight must be 0 (off) or more, not {config.prior}")
     out = Path(out_dir)
     image_files(concept_dir)  # an empty or missing folder fails before a base is loaded
     base_obj = base if isinstance(base, Base) else load_base(base, device, dtype)
@@ -133,6 +136,8 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = 
     (out / "concept.json").unlink(missing_ok=True)  # from here on the folder is not a finished run
     trainer = make_trainer(base_obj, data.name, data.class_word, config, gradient_checkpointing)
     start = time.time()
+    if config.prior:
+        trainer.prior = draw_prior(trainer.model, data, data.class_word, config.seed)
     run(trainer, data, out, key, resume, checkpoint_every, progress, on_step)
     write_outputs(trainer, data, out, key, time.time() - start, gradient_checkpointing)
     (out / checkpoint.FILENAME).unlink(missing_ok=True)

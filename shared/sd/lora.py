@@ -8,6 +8,9 @@ and ΔW = B @ A is the convolution's weight change over unfolded patches (reshap
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -40,6 +43,22 @@ def inject(models: dict[str, torch.nn.Module], ranks: dict[str, int]) -> None:
 
 def lora_layers(models: dict[str, torch.nn.Module]) -> dict[str, LoraLayer]:
     return {f"{c}.{n}": m for c, model in models.items() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@contextlib.contextmanager
+def disabled(models: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """The base model alone while inside: every LoRA layer off, its parameters' requires_grad as they were after."""
+    layers = lora_layers(models).values()
+    grads = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, g in grads:
+            p.requires_grad_(g)
 
 
 def read(models: dict[str, torch.nn.Module]) -> Lora:
