@@ -4,9 +4,12 @@ Times one image with 1, 2 and 4 regions and without regions, interleaved (each r
 in a rotating order) so that load on the machine hits all settings alike; reports medians and ratios to plain,
 of wall time and of the process's CPU time (steadier on a shared machine; with --threads 1 it is the work done).
 Boxes: 1 = left half, 2 = left/right halves, 4 = quadrants. Guidance is on (batch [uncond, cond]).
+With --batch P it also times P pictures with two regions each (their own prompts, the same boxes) drawn one by
+one against the same P in one batch (`denoise_batch`, what `mos eval world` does), interleaved the same way.
 
 Usage (from the repo root, package installed):
     python bench/regional.py [--out PATH] [--base tiny] [--device cpu] [--steps 20] [--reps 7] [--size 64x64]
+                             [--batch P]
 Writes JSON (default bench/results/regional.json) and prints a table.
 """
 
@@ -24,7 +27,7 @@ import torch
 
 from mos.shared.sampling.denoise import initial_latents
 from mos.shared.sampling.layout import Region, parse_size
-from mos.shared.sampling.regional import denoise_regional
+from mos.shared.sampling.regional import denoise_batch, denoise_regional
 from mos.shared.sd.base import load_base
 from mos.shared.sd.model import ConceptModel
 
@@ -51,6 +54,37 @@ def timed(model: ConceptModel, lat: torch.Tensor, n: int, steps: int) -> tuple[f
     return time.perf_counter() - t, time.process_time() - c
 
 
+def timed_pictures(model: ConceptModel, lat: torch.Tensor, steps: int, together: bool) -> tuple[float, float]:
+    """P pictures (lat [P, …]) with two regions each, each picture its own pair of prompts: one batch, or one by one."""
+    jobs = [("a street", [Region(PROMPTS[(i + k) % len(PROMPTS)], "", box) for k, box in enumerate(BOXES[2])])
+            for i in range(len(lat))]
+    sync = torch.cuda.synchronize if lat.device.type == "cuda" else (lambda: None)
+    sync()
+    t, c = time.perf_counter(), time.process_time()
+    if together:
+        denoise_batch(model, jobs, lat, "blurry", steps=steps, progress=False)
+    else:
+        for i, job in enumerate(jobs):
+            denoise_batch(model, [job], lat[i:i + 1], "blurry", steps=steps, progress=False)
+    sync()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def batch_rows(model: ConceptModel, size: tuple[int, int], pictures: int, steps: int, reps: int) -> dict:
+    lat = torch.cat([initial_latents(model, 1, seed=i, size=size) for i in range(pictures)])
+    timed_pictures(model, lat, min(2, steps), True)  # warm-up
+    wall: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    for rep in range(reps):
+        for together in ((True, False) if rep % 2 else (False, True)):
+            w, c = timed_pictures(model, lat, steps, together)
+            wall[together].append(w)
+            cpu[together].append(c)
+    return {"pictures": pictures, "one_by_one": {**summary(wall[False], wall[False], "wall"),
+                                                 **summary(cpu[False], cpu[False], "cpu")},
+            "batched": {**summary(wall[True], wall[False], "wall"), **summary(cpu[True], cpu[False], "cpu")}}
+
+
 def summary(t: list[float], plain: list[float], kind: str) -> dict:
     return {f"{kind}_median_s": statistics.median(t), f"{kind}_min_s": min(t), f"{kind}_times_s": t,
             f"{kind}_ratio": statistics.median(t) / statistics.median(plain),
@@ -67,6 +101,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--size", default=None, help="WxH (default: the base's native size)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 was as fast as 2 on tiny models)")
+    ap.add_argument("--batch", type=int, default=0, help="also time P pictures one by one against one batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,6 +129,7 @@ def main() -> None:
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                     "gpu": torch.cuda.get_device_name() if base.device.type == "cuda" else None},
         "regions": rows,
+        "batch": batch_rows(model, size, args.batch, args.steps, args.reps) if args.batch else None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +140,11 @@ def main() -> None:
     for n, r in rows.items():
         print(f"{n:>8} {r['wall_median_s']:>8.3f} {r['wall_ratio']:>6.2f} {r['wall_ratio_paired']:>7.2f} "
               f"{r['cpu_median_s']:>8.3f} {r['cpu_ratio']:>6.2f} {r['cpu_ratio_paired']:>7.2f}")
+    if result["batch"]:
+        b = result["batch"]
+        print(f"{b['pictures']} pictures with 2 regions: one by one {b['one_by_one']['wall_median_s']:.3f} s, "
+              f"one batch {b['batched']['wall_median_s']:.3f} s (paired ratio {b['batched']['wall_ratio_paired']:.2f};"
+              f" cpu {b['batched']['cpu_ratio_paired']:.2f})")
     print(f"wrote {out}")
 
 

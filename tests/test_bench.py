@@ -1,7 +1,7 @@
 """bench/gpu.sh runs on a machine without a GPU (tiny base, CPU, smallest settings), so the GPU check cannot rot:
 every part exits 0 and gpu.json carries its figures. The measurements themselves are not checked (benches
 print and write JSON; docs/figures.md holds the figures). bench/lora_forward.py runs on the world base the same
-way; what it checks is that its two LoRA forms agree."""
+way; what it checks is that its two LoRA forms agree. bench/regional.py's batch comparison runs on tiny."""
 
 from __future__ import annotations
 
@@ -51,3 +51,14 @@ def test_lora_forward_bench_runs_and_its_forms_agree(tmp_path):
     r = json.loads(out.read_text())
     assert r["agreement"]["grad_rel_diff_max"] < 1e-4 and r["agreement"]["loss_rel_diff"] < 1e-5
     assert r["layers_merged"]["tune"]["merged"] > 0 and set(r["ratio_merged_over_peft"]) == {"tune", "sample"}
+
+
+def test_regional_bench_times_pictures_one_by_one_against_one_batch(tmp_path):
+    out = tmp_path / "regional.json"
+    proc = subprocess.run([sys.executable, str(GPU_SH.parent / "regional.py"), "--base", "tiny", "--steps", "2",
+                           "--reps", "2", "--batch", "3", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    b = json.loads(out.read_text())["batch"]
+    assert b["pictures"] == 3 and len(b["batched"]["wall_times_s"]) == len(b["one_by_one"]["wall_times_s"]) == 2
+    assert b["batched"]["wall_ratio_paired"] > 0 and "one batch" in proc.stdout
