@@ -45,7 +45,9 @@ class RecordingAttnProcessor(LayerwiseAttnProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         rec = self.recorder
-        if rec.positions is None or encoder_hidden_states is None:
+        # positions stay set after a recorded forward (take()), so a forward of another batch (the prior's class
+        # pictures) goes the stock way unless it is the same size, which then runs explicitly and records nothing
+        if rec.positions is None or encoder_hidden_states is None or len(rec.positions) != len(encoder_hidden_states):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states.ndim == 4:
             encoder_hidden_states = encoder_hidden_states[:, self.layer]
