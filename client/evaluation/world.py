@@ -169,8 +169,8 @@ def draw_all(model: ConceptModel, jobs: list[tuple[str, list[Region] | tuple]], 
     """Pictures `width` times as wide as the base's, one per (prompt, regions), seeds seed, seed + 1, …. With
     regions, regional sampling as Mix-of-Show does it: the region prompts plus a spatial condition, here (with
     `layout`) the base's layout adapter asking for one object in each box, where it ships one. Pictures with the
-    same layout (boxes, and which of them name a concept) go in one batch: on a base this small, 16 pictures cost
-    about what 2 do."""
+    same layout (boxes, and which of them name a concept) go in one batch (on the world base 0.65 of their time one
+    by one with two threads, bench/regional.py --batch)."""
     size = (width * model.base.resolution, model.base.resolution)
     groups: dict[tuple, list[int]] = {}
     for i, (_, regions) in enumerate(jobs):
