@@ -55,7 +55,7 @@ def timed(model: ConceptModel, lat: torch.Tensor, n: int, steps: int) -> tuple[f
 
 
 def timed_pictures(model: ConceptModel, lat: torch.Tensor, steps: int, together: bool) -> tuple[float, float]:
-    """P pictures (lat [P, …]) with two regions each, each picture its own pair of prompts: one batch, or one by one."""
+    """P pictures (lat [P, …]) with two regions each, each its own pair of prompts: one batch, or one by one."""
     jobs = [("a street", [Region(PROMPTS[(i + k) % len(PROMPTS)], "", box) for k, box in enumerate(BOXES[2])])
             for i in range(len(lat))]
     sync = torch.cuda.synchronize if lat.device.type == "cuda" else (lambda: None)

@@ -131,11 +131,15 @@ def batch_plan(model: ConceptModel, pictures: Sequence[Sequence[Region]], negati
     if any([r.box for r in regions] != boxes for regions in pictures):
         raise ValueError("pictures sampled in one batch must share their regions' boxes")
     flat = [r for regions in pictures for r in regions]
-    per_region = lambda x: x.view(len(pictures), len(boxes), *x.shape[1:]).transpose(0, 1)  # [R, P, layers, 77, dim]
-    cond = per_region(model.encode([r.prompt for r in flat]))
+
+    def encoded(prompts: list[str]) -> torch.Tensor:
+        x = model.encode(prompts)  # [P·R, layers, 77, dim], picture by picture
+        return x.view(len(pictures), len(boxes), *x.shape[1:]).transpose(0, 1)  # [R, P, layers, 77, dim]
+
+    context = encoded([r.prompt for r in flat])
     if guidance > 1.0:
-        cond = torch.cat([per_region(model.encode([r.negative or negative for r in flat])), cond], dim=1)
-    return RegionPlan(boxes, cond, latent_hw)
+        context = torch.cat([encoded([r.negative or negative for r in flat]), context], dim=1)
+    return RegionPlan(boxes, context, latent_hw)
 
 
 def denoise_regional(model: ConceptModel, prompt: str, negative: str = "", regions: Sequence[Region] = (),
