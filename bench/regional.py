@@ -22,10 +22,11 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from mos.shared.sampling.denoise import initial_latents
+from mos.shared.sampling.denoise import initial_latents, seeded_latents
 from mos.shared.sampling.layout import Region, parse_size
 from mos.shared.sampling.regional import denoise_batch, denoise_regional
 from mos.shared.sd.base import load_base
@@ -43,35 +44,33 @@ def regions(n: int) -> list[Region]:
     return [Region(PROMPTS[i], "", box) for i, box in enumerate(BOXES[n])] if n else []
 
 
-def timed(model: ConceptModel, lat: torch.Tensor, n: int, steps: int) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds): on a shared machine the CPU time is the steadier figure."""
-    sync = torch.cuda.synchronize if lat.device.type == "cuda" else (lambda: None)
+def clock(device: torch.device, work: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of `work`: on a shared machine the CPU time is the steadier."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t, c = time.perf_counter(), time.process_time()
-    denoise_regional(model, "a photo of a street", "blurry", regions(n), lat, steps=steps, guidance=7.5,
-                     progress=False)
+    work()
     sync()
     return time.perf_counter() - t, time.process_time() - c
+
+
+def timed(model: ConceptModel, lat: torch.Tensor, n: int, steps: int) -> tuple[float, float]:
+    return clock(lat.device, lambda: denoise_regional(model, "a photo of a street", "blurry", regions(n), lat,
+                                                      steps=steps, guidance=7.5, progress=False))
 
 
 def timed_pictures(model: ConceptModel, lat: torch.Tensor, steps: int, together: bool) -> tuple[float, float]:
     """P pictures (lat [P, …]) with two regions each, each its own pair of prompts: one batch, or one by one."""
     jobs = [("a street", [Region(PROMPTS[(i + k) % len(PROMPTS)], "", box) for k, box in enumerate(BOXES[2])])
             for i in range(len(lat))]
-    sync = torch.cuda.synchronize if lat.device.type == "cuda" else (lambda: None)
-    sync()
-    t, c = time.perf_counter(), time.process_time()
     if together:
-        denoise_batch(model, jobs, lat, "blurry", steps=steps, progress=False)
-    else:
-        for i, job in enumerate(jobs):
-            denoise_batch(model, [job], lat[i:i + 1], "blurry", steps=steps, progress=False)
-    sync()
-    return time.perf_counter() - t, time.process_time() - c
+        return clock(lat.device, lambda: denoise_batch(model, jobs, lat, "blurry", steps=steps, progress=False))
+    return clock(lat.device, lambda: [denoise_batch(model, [job], lat[i:i + 1], "blurry", steps=steps,
+                                                    progress=False) for i, job in enumerate(jobs)])
 
 
 def batch_rows(model: ConceptModel, size: tuple[int, int], pictures: int, steps: int, reps: int) -> dict:
-    lat = torch.cat([initial_latents(model, 1, seed=i, size=size) for i in range(pictures)])
+    lat = seeded_latents(model, range(pictures), size)
     timed_pictures(model, lat, min(2, steps), True)  # warm-up
     wall: dict[bool, list[float]] = {True: [], False: []}
     cpu: dict[bool, list[float]] = {True: [], False: []}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mos.shared.sampling.denoise import denoise, initial_latents
+from mos.shared.sampling.denoise import denoise, initial_latents, seeded_latents
 from mos.shared.sampling.layout import LayoutError, Region, cells, check_handles, load_layout, parse_region
 from mos.shared.sampling.regional import (RegionalAttnProcessor, batch_plan, denoise_batch, denoise_regional,
                                          grid_size, make_plan)
@@ -157,7 +157,7 @@ def test_a_batch_of_pictures_is_each_picture_sampled_alone(model):
     jobs = [("a <alice> and a <bob>", [Region("a <alice>", "", boxes[0]), Region("a <bob>", "blurry", boxes[1])]),
             ("a tree and a <alice>", [Region("a tree", "", boxes[0]), Region("a <alice>", "", boxes[1])]),
             ("a <bob> and a cat", [Region("a <bob>", "", boxes[0]), Region("a cat", "", boxes[1])])]
-    lat = torch.cat([initial_latents(model, 1, seed=10 + i) for i in range(len(jobs))])
+    lat = seeded_latents(model, range(10, 10 + len(jobs)))
     together = denoise_batch(model, jobs, lat, "ugly", steps=STEPS, guidance=7.5, progress=False)
     for i, (prompt, regions) in enumerate(jobs):
         alone = denoise_regional(model, prompt, "ugly", regions, lat[i:i + 1], steps=STEPS, guidance=7.5,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.stages import prompts_for
-from mos.shared.sampling.denoise import initial_latents, make_scheduler
+from mos.shared.sampling.denoise import make_scheduler, seeded_latents
 from mos.shared.sd.base import Base
 from mos.shared.sd.model import ConceptModel
 
@@ -31,7 +31,7 @@ def _trajectory(model: ConceptModel, cond: torch.Tensor, uncond: torch.Tensor, s
     """(x_t, t) points visited while the concept's own model samples (scaled model inputs)."""
     sched = make_scheduler(model)
     sched.set_timesteps(steps)
-    x = torch.cat([initial_latents(model, 1, seed + i) for i in range(cond.shape[0])]) * sched.init_noise_sigma
+    x = seeded_latents(model, range(seed, seed + cond.shape[0])) * sched.init_noise_sigma
     points = []
     for t in sched.timesteps:
         xin = sched.scale_model_input(x, t)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
-from mos.shared.sampling.denoise import decode, initial_latents, sample
+from mos.shared.sampling.denoise import decode, sample, seeded_latents
 from mos.shared.sampling.layout import Region
 from mos.shared.sampling.regional import denoise_batch
 from mos.shared.sampling.t2i import concept_boxes, layout_attached
@@ -178,7 +178,7 @@ def draw_all(model: ConceptModel, jobs: list[tuple[str, list[Region] | tuple]], 
     out: dict[int, Image.Image] = {}
     for members in groups.values():
         regions = jobs[members[0]][1]
-        lat = torch.cat([initial_latents(model, 1, seed + i, size) for i in members])
+        lat = seeded_latents(model, [seed + i for i in members], size)
         with layout_attached(model.base, regions, size) if regions and layout else contextlib.nullcontext():
             lat = denoise_batch(model, [jobs[i] for i in members], lat, steps=s.sample_steps, progress=False)
         out.update(zip(members, decode(model, lat)))

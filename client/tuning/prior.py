@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mos.client.tuning.data import TOKEN, ConceptData, seeded
-from mos.shared.sampling.denoise import denoise, initial_latents
+from mos.shared.sampling.denoise import denoise, seeded_latents
 from mos.shared.sd import lora as lora_mod
 from mos.shared.sd.model import ConceptModel
 
@@ -47,7 +47,7 @@ def draw_prior(model: ConceptModel, data: ConceptData, class_word: str, seed: in
     with lora_mod.disabled(model.models):
         for i in range(0, len(captions), CHUNK):
             part = captions[i:i + CHUNK]
-            lat = torch.cat([initial_latents(model, 1, seed * 1000 + i + k) for k in range(len(part))])
+            lat = seeded_latents(model, range(seed * 1000 + i, seed * 1000 + i + len(part)))
             lat = denoise(model, model.encode(part), model.encode([""] * len(part)), lat, SAMPLE_STEPS,
                           progress=False)
             drawn.append(lat.float().cpu())

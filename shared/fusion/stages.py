@@ -17,7 +17,7 @@ import torch
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.stats import Stats, StatsRecorder, empty
-from mos.shared.sampling.denoise import denoise, initial_latents
+from mos.shared.sampling.denoise import denoise, seeded_latents
 from mos.shared.sd.architectures import stat_prompts_of
 from mos.shared.sd.base import Base
 from mos.shared.sd.concepts import Concept
@@ -82,7 +82,7 @@ def kv_stats(model: ConceptModel, concept: str) -> Stats:
 def spatial_stats(model: ConceptModel, concept: str, config: FusionConfig = FusionConfig()) -> Stats:
     prompts = stage3_prompts(concept, model.base.spec)
     cond, uncond = model.encode(prompts), model.encode([""] * len(prompts))
-    latents = torch.cat([initial_latents(model, 1, config.sample_seed + i) for i in range(len(prompts))])
+    latents = seeded_latents(model, range(config.sample_seed, config.sample_seed + len(prompts)))
     with StatsRecorder(model.models, sites_of(model, 3, config.placement)) as rec:
         denoise(model, cond, uncond, latents, config.sample_steps, config.guidance, progress=False)
     return rec.stats

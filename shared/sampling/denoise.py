@@ -6,7 +6,7 @@ from a seeded generator, so the same seed gives the same image on any device.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -36,6 +36,11 @@ def initial_latents(model: ConceptModel, n: int, seed: int, size: tuple[int, int
     g = torch.Generator("cpu").manual_seed(seed)
     shape = (n, model.base.unet.config.in_channels, h // s, w // s)
     return torch.randn(shape, generator=g).to(model.base.device, model.base.dtype)
+
+
+def seeded_latents(model: ConceptModel, seeds: Iterable[int], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """One picture's starting noise per seed, stacked: picture i of a batch is the picture its seed draws alone."""
+    return torch.cat([initial_latents(model, 1, seed, size) for seed in seeds])
 
 
 @torch.no_grad()
@@ -76,5 +81,5 @@ def sample(model: ConceptModel, prompts: list[str], negative: str = "", seed: in
     """Images for prompts (one per prompt, seeds seed, seed+1, …)."""
     cond = model.encode(prompts)
     uncond = model.encode([negative] * len(prompts)) if guidance > 1.0 else None
-    lat = torch.cat([initial_latents(model, 1, seed + i, size) for i in range(len(prompts))])
+    lat = seeded_latents(model, range(seed, seed + len(prompts)), size)
     return decode(model, denoise(model, cond, uncond, lat, steps, guidance, scheduler, progress=progress))
