@@ -1,5 +1,6 @@
-"""How the fused layer fits, by choice of ridge: the reference's LBFGS against the closed form at fixed ε and at
-the per-site λ that GCV picks (mos.shared.fusion.solver); not a test.
+"""How the fused layer fits, by choice of ridge: the reference's LBFGS against the closed form at fixed ε, at the
+per-site λ that GCV picks, and at the λ chosen on a held-out share (the product's default for spatial sites;
+mos.shared.fusion.solver); not a test.
 
 One layer problem per SD1.5 kind and width: text-encoder q/k/v (768 -> 768), cross-attention k/v (768 text features
 -> 320 and 1280), spatial (320, 640, 1280 square). Three concepts with 1k, 4k and 16k input rows, rank-4 LoRAs. The
@@ -9,6 +10,9 @@ layer at W0 (dW = 0):
 
     fitted    sum_i ||(dW - dW_i) X_i^T||^2 on the rows the statistics came from
     held-out  the same on fresh rows of the same concepts (same distribution, same counts)
+
+The held-out choice sees a third set of rows per concept, a quarter as many as it fitted (its own share: the
+held-out loss above is on rows no method saw).
 
 LBFGS is the reference's optimiser (its update_quasi_newton: torch LBFGS, lr 1, strong Wolfe, from W0, 500 iterations
 for text and k/v layers, 50 for spatial ones) on the reference's loss (the mean squared error over the stacked rows),
@@ -56,7 +60,7 @@ def problem(p: int, d_in: int, d_out: int, rows: tuple[int, ...]) -> dict:
     g = gen(1, p)
     basis, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=F64))
     spectrum = 1.0 / torch.arange(1, d_in + 1, dtype=F64)
-    fit, held, loras = [], [], []
+    fit, held, choose, loras = [], [], [], []
     for c, n in enumerate(rows):
         gc = gen(2, p, c)
         scale = spectrum * torch.exp(0.75 * torch.randn(d_in, generator=gc, dtype=F64))  # the concept's tilt
@@ -69,7 +73,9 @@ def problem(p: int, d_in: int, d_out: int, rows: tuple[int, ...]) -> dict:
         B = 0.05 * torch.randn(d_out, RANK, generator=gc, dtype=F64)
         A = torch.randn(RANK, d_in, generator=gc, dtype=F64) / math.sqrt(d_in)
         loras.append((B, A))
-    return {"fit": fit, "held": held, "loras": loras, "rows": list(rows)}
+        x = (torch.randn(max(1, n // 4), d_in, generator=gen(3, p, c), dtype=F64) * scale) @ basis.T
+        choose.append(x.T @ x)  # the held-out share the product's default chooses λ on
+    return {"fit": fit, "held": held, "choose": choose, "loras": loras, "rows": list(rows)}
 
 
 def loss(dW: torch.Tensor, grams: list[torch.Tensor], loras: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -103,13 +109,16 @@ def lbfgs(pr: dict, iters: int, d_out: int) -> tuple[torch.Tensor, float, int]:
     return dW.detach(), time.perf_counter() - t0, evals
 
 
-def closed(pr: dict, eps: float | None) -> tuple[torch.Tensor, float, float]:
-    """The product's solve (SiteSums) at a fixed ε, or at GCV's λ when eps is None: dW, seconds, chosen ε."""
+def closed(pr: dict, eps: float | None, heldout: bool = False) -> tuple[torch.Tensor, float, float]:
+    """The product's solve (SiteSums) at a fixed ε, at GCV's λ when eps is None, or at the λ chosen on the held-out
+    share: dW, seconds, chosen ε."""
     t0 = time.perf_counter()
-    site = SiteSums("s", pr["fit"][0].shape[0])
-    for c, (G, lo, n) in enumerate(zip(pr["fit"], pr["loras"], pr["rows"])):
+    site, share = SiteSums("s", pr["fit"][0].shape[0]), SiteSums("s#heldout", pr["fit"][0].shape[0])
+    for c, (G, H, lo, n) in enumerate(zip(pr["fit"], pr["choose"], pr["loras"], pr["rows"])):
         site.add(f"c{c}", G, n, {"L": lo})
-    sol = site.solve(eps)
+        if heldout:
+            share.add(f"c{c}", H, max(1, n // 4), {"L": lo})
+    sol = site.solve(eps, share if heldout else None)
     B, A = sol.loras["L"]
     return B @ A, time.perf_counter() - t0, sol.eps
 
@@ -127,6 +136,8 @@ def run(problems: list[tuple[str, int, int]], rows: tuple[int, ...], iters_scale
         for label, eps in (*FIXED.items(), ("gcv", None)):
             dW, secs, chosen = closed(pr, eps)
             methods[label] = {"dW": dW, "s": secs, "eps": chosen}
+        dW, secs, chosen = closed(pr, 1e-2, heldout=True)
+        methods["heldout"] = {"dW": dW, "s": secs, "eps": chosen}
         row = {"kind": kind, "d_in": d_in, "d_out": d_out, "rows": list(rows), "methods": {}}
         for label, m in methods.items():
             dW = m.pop("dW")
@@ -140,7 +151,8 @@ def run(problems: list[tuple[str, int, int]], rows: tuple[int, ...], iters_scale
         out.append(row)
         print(f"{kind:8s} {d_in:>4}->{d_out:<4} " + "  ".join(
             f"{label} fit {m['fit_vs_lbfgs']:.3f} held {m['held_vs_lbfgs']:.3f}" for label, m in row["methods"].items()
-            if label != "lbfgs") + f"  (vs LBFGS; gcv eps {row['methods']['gcv']['eps']:.2g}, "
+            if label != "lbfgs") + f"  (vs LBFGS; gcv eps {row['methods']['gcv']['eps']:.2g}, heldout eps "
+            f"{row['methods']['heldout']['eps']:.2g}, "
             f"LBFGS {ref['s']:.1f}s, gcv {row['methods']['gcv']['s']:.2f}s)", flush=True)
     return out
 
@@ -164,7 +176,10 @@ def main() -> None:
         "vs_lbfgs_fit_held": {f"{r['kind']} {r['d_in']}->{r['d_out']}": {
             label: [round(m["fit_vs_lbfgs"], 4), round(m["held_vs_lbfgs"], 4)]
             for label, m in r["methods"].items() if label != "lbfgs"} for r in results},
+        "heldout_at_or_below_lbfgs_fit_all": all(r["methods"]["heldout"]["fit_vs_lbfgs"] <= 1.0 for r in results),
+        "heldout_at_or_below_lbfgs_held_all": all(r["methods"]["heldout"]["held_vs_lbfgs"] <= 1.0 for r in results),
         "gcv_eps": {f"{r['kind']} {r['d_in']}->{r['d_out']}": r["methods"]["gcv"]["eps"] for r in results},
+        "heldout_eps": {f"{r['kind']} {r['d_in']}->{r['d_out']}": r["methods"]["heldout"]["eps"] for r in results},
     }
     result = {
         "benchmark": "ridge",

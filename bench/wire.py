@@ -5,7 +5,9 @@ tiny    measured: the real stage functions run on random rank-4 concepts and eve
 sd15    computed from `mos base info --base sd15-random --json` (site dimensions) and the row counts measured on
         tiny, scaled to SD1.5's 64x64 latents (the layouts match, so every site sees (64/8)^2 times the tokens).
 Both with float32 Grams (the default) and float64 (`mos-server --gram-dtype float64`). Target: <= 150 MB per
-client in total for SD1.5.
+client in total for SD1.5. Tiny's stage 3 carries its held-out share (the default there); SD1.5's does not (its
+default is a fixed ε; `--eps heldout` would add as many bytes again to query.spatial's upload: at these row counts
+every spatial Gram is sent whole).
 
 Usage (from the repo root, package installed):
     python bench/wire.py [--concepts 2] [--info sd15.json] [--out bench/results/wire.json]
@@ -29,6 +31,7 @@ from flwr.app import RecordDict
 from mos.shared.federation import gram_codec, wire
 from mos.shared.formats import adapter as adapter_io
 from mos.shared.formats.adapter import Adapter
+from mos.shared.fusion.config import FusionConfig, heldout_by_default
 from mos.shared.fusion.driver import Fusion, run_fusion
 from mos.shared.fusion.local import LocalRunner
 from mos.shared.sd.base import load_base
@@ -93,7 +96,9 @@ def measure_tiny(n: int, dtype: str) -> tuple[dict, dict[str, int], dict]:
     adapters = [random_adapter(base, f"c{i}", "dog", i) for i in range(n)]
     runner = MeasuringRunner(base, adapters, dtype)
     t0 = time.time()
-    result = run_fusion(runner, Fusion(base.fingerprint, list(wire.BaseManifest.from_base(base).sites)))
+    # stage 3 with its held-out share, as the tiny base's default; SD1.5 (below) keeps ε by default and sends none
+    config = FusionConfig(heldout=heldout_by_default("tiny"))
+    result = run_fusion(runner, Fusion(base.fingerprint, list(wire.BaseManifest.from_base(base).sites), config))
     with tempfile.TemporaryDirectory() as tmp:
         data = adapter_io.save(result, Path(tmp) / adapter_io.FILENAME).read_bytes()
     final = wire.encode_fused(4, {}, [], base.fingerprint, 1, adapter_file=data)

@@ -85,20 +85,22 @@ class LoraLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., in_dim: _Optional[int] = ..., out_dim: _Optional[int] = ..., a: _Optional[_Union[TensorSpec, _Mapping]] = ..., b: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
 
 class SiteStats(_message.Message):
-    __slots__ = ("site", "dim", "rows", "encoding", "tensor", "rank")
+    __slots__ = ("site", "dim", "rows", "encoding", "tensor", "rank", "heldout")
     SITE_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_FIELD_NUMBER: _ClassVar[int]
     site: str
     dim: int
     rows: int
     encoding: GramEncoding
     tensor: TensorSpec
     rank: int
-    def __init__(self, site: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., encoding: _Optional[_Union[GramEncoding, str]] = ..., tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., rank: _Optional[int] = ...) -> None: ...
+    heldout: bool
+    def __init__(self, site: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., encoding: _Optional[_Union[GramEncoding, str]] = ..., tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., rank: _Optional[int] = ..., heldout: _Optional[bool] = ...) -> None: ...
 
 class StagePayload(_message.Message):
     __slots__ = ("version", "stage", "concept", "base_fingerprint", "sites", "from_cache")
@@ -145,14 +147,16 @@ class FusedManifest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., stage: _Optional[int] = ..., base_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., concepts: _Optional[_Iterable[_Union[ConceptEntry, _Mapping]]] = ..., lora: _Optional[_Iterable[_Union[LoraLayer, _Mapping]]] = ..., digest: _Optional[str] = ..., adapter_file: _Optional[_Union[TensorSpec, _Mapping]] = ..., one_shot: _Optional[bool] = ..., gram_dtype: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., placement: _Optional[str] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("steps", "seed", "guidance")
+    __slots__ = ("steps", "seed", "guidance", "heldout")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_FIELD_NUMBER: _ClassVar[int]
     steps: int
     seed: int
     guidance: float
-    def __init__(self, steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ...) -> None: ...
+    heldout: bool
+    def __init__(self, steps: _Optional[int] = ..., seed: _Optional[int] = ..., guidance: _Optional[float] = ..., heldout: _Optional[bool] = ...) -> None: ...
 
 class TuneRequest(_message.Message):
     __slots__ = ("version", "base_fingerprint", "round", "one_shot", "known", "gram_dtype", "sampling", "placement")

@@ -219,7 +219,8 @@ class FlowerRunner:
                 self.say(f"train.tune    {cm.name:<12} adapter and stage-1 statistics from the server's state "
                          f"(digest {cm.adapter_digest[:12]}): no upload, no tuning")
             else:
-                _, decoded = wire.decode_stats(rd, self.manifest, 1, cm.name, f"node {node}", one_shot)
+                _, decoded = wire.decode_stats(rd, self.manifest, 1, cm.name, f"node {node}", one_shot,
+                                               self.config.uses_heldout)
                 self._check_reach(node, adapter, decoded)
                 self.state.save_concept(self.round, adapter, cm.adapter_digest, {"node": node,
                                                                                   "data_digest": cm.data_digest})
@@ -254,7 +255,8 @@ class FlowerRunner:
         """A stored concept's statistics for one stage. A one-shot upload holds every site under stage 1;
         where a later stage's own file exists it wins (it was computed with the fused layers before it)."""
         merged = {k: v for s in sorted(stats) for k, v in stats[s].items()}
-        return {s.name: merged[s.name] for s in self.manifest.stage_sites(stage, one_shot) if s.name in merged}
+        keys = wire.stats_sites(self.manifest, stage, one_shot, self.config.uses_heldout)
+        return {k: merged[k] for k in keys if k in merged}
 
     def _query(self, kind: str, stage: int, fused: Lora, concepts: list[Concept]) -> dict[str, dict[str, StoredGram]]:
         payload = wire.encode_fused(stage - 1, fused, concepts, self.manifest.fingerprint, self.round, self.config)
@@ -267,7 +269,8 @@ class FlowerRunner:
                 continue
             m = self.members[node]
             try:
-                p, stats = wire.decode_stats(replies[node].content, self.manifest, stage, m.name, f"node {node}")
+                p, stats = wire.decode_stats(replies[node].content, self.manifest, stage, m.name, f"node {node}",
+                                             heldout=self.config.uses_heldout)
                 try:
                     self.fusion.check_stats(m.name, stats)
                 except FusionError as e:

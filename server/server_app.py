@@ -66,7 +66,8 @@ def main(grid: Grid, context: Context) -> None:
     manifest = wire.BaseManifest.from_base(base, fusion_config.placement)
     state = ServerState(state_dir, base.fingerprint)
     # The gateway (server/gateway.py, in mos-server) refuses a reply's objects past this many bytes.
-    write_json(state_dir / "limits.json", {"upload_cap": wire.upload_cap(manifest, fusion_config.one_shot)})
+    write_json(state_dir / "limits.json", {"upload_cap": wire.upload_cap(manifest, fusion_config.one_shot,
+                                                                            fusion_config.uses_heldout)})
     bounds = state.bounds(base, fusion_config.placement)
     keys = node_keys(state_dir)
     served: set[int] = set()

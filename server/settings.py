@@ -16,6 +16,7 @@ from mos.shared.fusion.config import FusionConfig
 FUSION_KEYS = {"method": "method", "one-shot": "one_shot", "eps": "eps", "sample-steps": "sample_steps",
                "sample-seed": "sample_seed", "guidance": "guidance", "gram-dtype": "gram_dtype",
                "placement": "placement", "kv-eps": "kv_eps"}
+HELDOUT_VALUES = {"base": None, "true": True, "false": False}  # run-config "heldout" -> FusionConfig.heldout
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Settings:
         fusion["placement"] = fusion["placement"] or ""  # TOML has no null: "" is the base's default
         fusion["eps"] = -1.0 if fusion["eps"] is None else fusion["eps"]  # ... and eps < 0 is λ by GCV
         fusion["kv-eps"] = -1.0 if fusion["kv-eps"] is None else fusion["kv-eps"]  # < 0: the base's default
+        fusion["heldout"] = next(k for k, v in HELDOUT_VALUES.items() if v is self.fusion.heldout)
         return own | fusion
 
     @classmethod
@@ -60,4 +62,7 @@ class Settings:
         values["placement"] = values["placement"] or None  # "": the base's default
         values["eps"] = None if values["eps"] < 0 else values["eps"]  # < 0: λ per site by GCV
         values["kv_eps"] = None if values["kv_eps"] < 0 else values["kv_eps"]  # < 0: the base's default
-        return cls(**own, fusion=FusionConfig(**values))
+        heldout = get("heldout", str)
+        if heldout not in HELDOUT_VALUES:
+            raise ValueError(f"run config heldout={heldout!r}: expected one of {', '.join(HELDOUT_VALUES)}")
+        return cls(**own, fusion=FusionConfig(**values, heldout=HELDOUT_VALUES[heldout]))

@@ -1,7 +1,8 @@
 """bench/gpu.sh runs on a machine without a GPU (tiny base, CPU, smallest settings), so the GPU check cannot rot:
 every part exits 0 and gpu.json carries its figures. The measurements themselves are not checked (benches
 print and write JSON; docs/figures.md holds the figures). bench/lora_forward.py runs on the world base the same
-way; what it checks is that its two LoRA forms agree. bench/regional.py's batch comparison runs on tiny."""
+way; what it checks is that its two LoRA forms agree. bench/regional.py's batch comparison runs on tiny, and
+bench/ridge.py at its quick size."""
 
 from __future__ import annotations
 
@@ -62,3 +63,20 @@ def test_regional_bench_times_pictures_one_by_one_against_one_batch(tmp_path):
     b = json.loads(out.read_text())["batch"]
     assert b["pictures"] == 3 and len(b["batched"]["wall_times_s"]) == len(b["one_by_one"]["wall_times_s"]) == 2
     assert b["batched"]["wall_ratio_paired"] > 0 and "one batch" in proc.stdout
+
+
+def test_ridge_bench_runs_and_its_held_out_choice_picks_from_the_grid(tmp_path):
+    out = tmp_path / "ridge.json"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "ridge.py"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mos.shared.fusion.solver import _GCV_EPS
+
+    result = json.loads(out.read_text())
+    for row in result["problems"]:
+        assert set(row["methods"]) == {"lbfgs", "eps=1e-2", "eps=1e-8", "gcv", "heldout"}
+        held = row["methods"]["heldout"]
+        assert min(abs(held["eps"] - g) for g in _GCV_EPS.tolist()) <= 1e-9 * held["eps"]
+        assert 0 < held["fit_rel"] < 1 and 0 < held["held_rel"] < 1  # better than leaving W0, on both row sets
+    assert set(result["summary"]["heldout_eps"]) == {f"{r['kind']} {r['d_in']}->{r['d_out']}" for r in result["problems"]}

@@ -129,7 +129,7 @@ def test_imported_kohya_lora_fused_alone_reproduces_its_own_outputs(tiny_base, t
     with torch.no_grad():
         torch.testing.assert_close(model.encode(["a photo of <sks_toy>"]), model.encode(["a photo of sks toy"]))
     fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet),
-                    FusionConfig(eps=DEFAULT_EPS, sample_steps=3))
+                    FusionConfig(eps=DEFAULT_EPS, sample_steps=3, heldout=False))
     fused = run_fusion(LocalRunner(tiny_base, [imp], progress=False), fusion)
     res = fused.meta["fusion"]["residuals"]["sks_toy"]
     assert len(res) == 88 and max(res.values()) <= 1e-6

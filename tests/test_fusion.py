@@ -15,7 +15,7 @@ from mos.shared.fusion import stages
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.driver import Fusion, FusionError, run_fusion
 from mos.shared.fusion.local import LocalRunner
-from mos.shared.fusion.stats import Gram, StatsRecorder
+from mos.shared.fusion.stats import Gram, StatsRecorder, heldout_key
 from mos.shared.sampling.denoise import denoise, initial_latents
 from mos.shared.sd.model import ConceptModel
 from mos.shared.sd.sites import input_sites
@@ -74,7 +74,7 @@ def test_stage3_samples_every_world_prompt_three_times_and_the_first_two_on_real
     assert len(world_prompts) == 18 and set(world_prompts) == set(stages.prompts_for("alice", "world"))
     assert stages.stage3_prompts("alice", tiny_base.spec) == stages.prompts_for("alice", tiny_base.spec)[:2]
 
-    config = FusionConfig(sample_steps=2)
+    config = FusionConfig(sample_steps=2, heldout=False)
     model = ConceptModel.from_adapter(copy.deepcopy(tiny_base), alice)
     two = stages.spatial_stats(model, "alice", config)
     monkeypatch.setitem(stages.STAGE3_SAMPLES, tiny_base.spec, (2, 3))
@@ -83,6 +83,20 @@ def test_stage3_samples_every_world_prompt_three_times_and_the_first_two_on_real
     for site, g in two.items():  # one trajectory per listed prompt, each its own seed
         assert six[site].rows == 3 * g.rows
         assert not torch.allclose(six[site].gram, 3 * g.gram)
+
+
+def test_the_held_out_share_is_the_trajectories_of_the_seeds_after_the_fitted_ones(tiny_base, alice, monkeypatch):
+    model = ConceptModel.from_adapter(copy.deepcopy(tiny_base), alice)
+    monkeypatch.setitem(stages.STAGE3_SAMPLES, tiny_base.spec, (2, 3))
+    both = stages.spatial_stats(model, "alice", FusionConfig(sample_steps=2, sample_seed=5, heldout=True))
+    fit = stages.spatial_stats(model, "alice", FusionConfig(sample_steps=2, sample_seed=5, heldout=False))
+    monkeypatch.setitem(stages.STAGE3_SAMPLES, tiny_base.spec, (2, 1))
+    after = stages.spatial_stats(model, "alice", FusionConfig(sample_steps=2, sample_seed=5 + 6, heldout=False))
+    assert set(both) == set(fit) | {heldout_key(s) for s in fit} and fit
+    for site, g in fit.items():
+        assert torch.equal(both[site].gram, g.gram)  # the fit's rows do not change
+        held = both[heldout_key(site)]  # the two prompts once each, seeds 11 and 12: none the fit saw
+        assert held.rows == after[site].rows == g.rows // 3 and torch.allclose(held.gram, after[site].gram)
 
 
 def test_kv_statistics_read_concept_tokens_and_end_token_per_layer(tiny_base, alice):
@@ -103,7 +117,7 @@ def test_single_concept_fusion_reproduces_its_own_model(tiny_base, alice):
     from mos.shared.fusion.solver import DEFAULT_EPS  # the exact (minimum-norm) solve
 
     fusion = Fusion(tiny_base.fingerprint, input_sites(tiny_base.text_encoder, tiny_base.unet),
-                    FusionConfig(eps=DEFAULT_EPS, sample_steps=4))
+                    FusionConfig(eps=DEFAULT_EPS, sample_steps=4, heldout=False))
     result = run_fusion(LocalRunner(tiny_base, [alice], progress=False), fusion)
     res = result.meta["fusion"]["residuals"]["alice"]
     assert len(res) == 88 and max(res.values()) <= 1e-6
@@ -116,7 +130,8 @@ def test_two_concepts_staged_and_one_shot(tiny_base, alice, bob):
     from mos.shared.fusion.solver import DEFAULT_EPS
 
     for one_shot in (False, True):
-        fusion = Fusion(tiny_base.fingerprint, sites, FusionConfig(one_shot=one_shot, eps=DEFAULT_EPS, sample_steps=4))
+        fusion = Fusion(tiny_base.fingerprint, sites, FusionConfig(one_shot=one_shot, eps=DEFAULT_EPS, sample_steps=4,
+                                                                   heldout=False))
         results[one_shot] = run_fusion(LocalRunner(tiny_base, [alice, bob], progress=False), fusion)
     for r in results.values():
         assert sorted(c.name for c in r.concepts) == ["alice", "bob"]
@@ -202,7 +217,8 @@ def test_mos_fuse_cli_writes_adapter_report_and_pipeline(tiny_base, alice, bob, 
     report = json.loads((out / "fusion.json").read_text())
     assert report["method"] == "gradient" and set(report["residuals"]) == {"alice", "bob"}
     assert set(report["lambda"]) and all(v > 0 for v in report["lambda"].values())
-    assert report["lambda_rule"] == "fixed eps" and set(report["eps_per_site"]) == set(report["lambda"])
+    assert report["lambda_rule"] == "held out (spatial sites), fixed eps elsewhere"
+    assert set(report["eps_per_site"]) == set(report["lambda"])
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
@@ -232,12 +248,46 @@ def test_lambda_is_chosen_per_site_unless_eps_fixes_it(tiny_base, alice, bob):
     assert all(min(abs(e - g) for g in grid) <= 1e-9 * e for e in chosen["eps_per_site"].values())
     fixed = reports[1e-2]
     assert fixed["lambda_rule"] == "fixed eps" and set(fixed["eps_per_site"].values()) == {1e-2}
-    # the CLI: a fixed ε by default, GCV with --eps gcv
+    # staged, the default: each spatial site's λ from the held-out rows (on the grid), ε = 1e-2 elsewhere
+    fusion = Fusion(tiny_base.fingerprint, sites, FusionConfig(sample_steps=2).resolved(tiny_base.spec))
+    held = run_fusion(LocalRunner(tiny_base, [alice, bob], progress=False), fusion).meta["fusion"]
+    assert held["lambda_rule"] == "held out (spatial sites), fixed eps elsewhere"
+    spatial = {s.name for s in sites if s.stage == 3}
+    assert all(min(abs(e - g) for g in grid) <= 1e-9 * e for s, e in held["eps_per_site"].items() if s in spatial)
+    assert {e for s, e in held["eps_per_site"].items() if s not in spatial} == {1e-2}
+    assert len({e for s, e in held["eps_per_site"].items() if s in spatial}) > 1  # chosen per site, not one value
+    # held out by default on the toy bases only (on SD1.5 it would double the spatial upload)
+    assert FusionConfig().resolved("world").uses_heldout and FusionConfig().resolved("tiny:3").uses_heldout
+    assert not FusionConfig().resolved("sd15-random").uses_heldout
+    assert FusionConfig(heldout=True).resolved("sd15-random").uses_heldout
+    assert not FusionConfig(one_shot=True).resolved("world").uses_heldout  # one-shot keeps ε (docs/design.md)
+    # the CLI: the base's default; "heldout" asks for it; a number fixes ε everywhere; GCV with --eps gcv
     parser = argparse.ArgumentParser()
     fuse_cmd.register(parser.add_subparsers())
-    assert parser.parse_args(["fuse", "a", "--out", "o"]).eps == FusionConfig().eps == 1e-2
-    assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "gcv"]).eps is None
-    assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "1e-4"]).eps == 1e-4
+    assert parser.parse_args(["fuse", "a", "--out", "o"]).eps == (FusionConfig().eps, None) == (1e-2, None)
+    assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "heldout"]).eps == (1e-2, True)
+    assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "gcv"]).eps == (None, False)
+    assert parser.parse_args(["fuse", "a", "--out", "o", "--eps", "1e-4"]).eps == (1e-4, False)
+
+
+def test_a_site_some_concept_sent_no_held_out_rows_for_keeps_the_fixed_eps(tiny_base, alice, bob):
+    """An older client sends no held-out share: its sites are solved at the fixed ε, the others' choice is made
+    where every concept sent one; held-out rows for a site that is not spatial are refused."""
+    from mos.shared.fusion.stats import heldout_key
+
+    class NoHeldOut(LocalRunner):
+        def stage3(self, fused, concepts, config):
+            out = super().stage3(fused, concepts, config)
+            out["bob"] = {k: v for k, v in out["bob"].items() if not k.endswith("#heldout")}
+            return out
+
+    sites = input_sites(tiny_base.text_encoder, tiny_base.unet)
+    fusion = Fusion(tiny_base.fingerprint, sites, FusionConfig(sample_steps=2, heldout=True))
+    report = run_fusion(NoHeldOut(tiny_base, [alice, bob], progress=False), fusion).meta["fusion"]
+    assert set(report["eps_per_site"].values()) == {1e-2} and report["lambda_rule"] == "fixed eps"
+    text_site = next(s.name for s in sites if s.stage == 1)
+    with pytest.raises(FusionError, match="held-out statistics for .* where none are asked"):
+        fusion.check_stats("alice", {heldout_key(text_site): Gram(torch.eye(32, dtype=torch.float64), 4)})
 
 
 def test_kv_sites_take_their_own_ridge(tiny_base, alice, bob):
@@ -252,7 +302,7 @@ def test_kv_sites_take_their_own_ridge(tiny_base, alice, bob):
     assert kv
 
     def fused(**kw):
-        fusion = Fusion(tiny_base.fingerprint, sites, FusionConfig(one_shot=True, sample_steps=2, **kw))
+        fusion = Fusion(tiny_base.fingerprint, sites, FusionConfig(one_shot=True, sample_steps=2, heldout=False, **kw))
         return run_fusion(LocalRunner(tiny_base, [alice, bob], progress=False), fusion)
 
     mixed, small, large = fused(eps=1e-2, kv_eps=0.1), fused(eps=1e-2), fused(eps=0.1)
@@ -339,7 +389,8 @@ def test_wide_placement_lora_round_trips_through_peft_and_fuses_exactly(tmp_path
     for layer, (B, A) in carol.lora.items():
         torch.testing.assert_close(back[layer][0] @ back[layer][1], B @ A, rtol=1e-5, atol=1e-6)
     sites = input_sites(base.text_encoder, base.unet, "wide")
-    fusion = Fusion(base.fingerprint, sites, FusionConfig(eps=DEFAULT_EPS, sample_steps=2, placement="wide"))
+    fusion = Fusion(base.fingerprint, sites, FusionConfig(eps=DEFAULT_EPS, sample_steps=2, placement="wide",
+                                                                   heldout=False))
     result = run_fusion(LocalRunner(base, [carol], progress=False), fusion)
     res = result.meta["fusion"]["residuals"]["carol"]
     assert len(res) == len(sites) and max(res.values()) <= 1e-6

@@ -129,6 +129,11 @@ def test_the_app_bundle_declares_every_run_setting_with_mos_server_defaults():
     assert Settings(".", ".", fusion=FusionConfig(eps=None)).run_config()["eps"] == -1.0
     assert Settings.from_run_config({**config, "kv-eps": 0.3}).fusion.kv_eps == 0.3  # < 0 (default): the base's
     assert Settings.from_run_config(config).fusion.kv_eps is None
+    assert Settings.from_run_config(config).fusion.heldout is None  # "base": the base's own default
+    assert Settings.from_run_config({**config, "heldout": "true"}).fusion.heldout is True
+    assert Settings(".", ".", fusion=FusionConfig(heldout=False)).run_config()["heldout"] == "false"
+    with pytest.raises(ValueError, match="heldout='maybe'"):
+        Settings.from_run_config({**config, "heldout": "maybe"})
     with pytest.raises(ValueError, match="sample-steps"):
         Settings.from_run_config({**config, "sample-steps": "many"})
     with pytest.raises(ValueError, match="lacks 'rounds'"):

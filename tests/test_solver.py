@@ -551,6 +551,36 @@ def test_gcv_lands_near_the_best_held_out_lam(seed):
     assert held[_GCV_EPS[0].item()] > 1.05 * best  # the problem has teeth: no ridge is clearly worse
 
 
+@pytest.mark.parametrize("seed", [35, 36])
+def test_heldout_lam_equals_its_definition_on_explicit_rows(seed):
+    # The held-out choice from SH and the terms A_i H_i = the grid's argmin of the fused layers' error on the
+    # held-out rows themselves; its solve is the fixed-eps solve at that eps. Few fit rows (30 < d for the first
+    # concept): the fit's Gram is rank-deficient, as stage 3's conv sites can be.
+    from mos.shared.fusion.solver import _GCV_EPS
+
+    site, xs, fresh, loras = gcv_problem(seed)
+    held_rows = [f[:n] for f, n in zip(fresh, (20, 25, 30))]  # other rows of the same concepts
+    held = SiteSums("s#heldout", 40)
+    for i, (x, lo) in enumerate(zip(held_rows, loras)):
+        held.add(f"c{i}", x.T @ x, x.shape[0], lo)
+    direct = [fit_loss(site.solve(eps), held_rows, loras) for eps in _GCV_EPS.tolist()]
+    chosen = site.solve(1e-2, heldout=held)
+    best = min(range(len(direct)), key=direct.__getitem__)
+    assert chosen.eps == pytest.approx(_GCV_EPS[best].item(), rel=1e-9) and chosen.path == "eigh"
+    assert direct[best] < min(direct[0], direct[-1])  # an inner optimum: the choice has something to choose
+    fixed = site.solve(chosen.eps)
+    for layer in fixed.loras:
+        assert rel(chosen.loras[layer][0] @ chosen.loras[layer][1], fixed.loras[layer][0] @ fixed.loras[layer][1]) < 1e-9
+
+
+def test_heldout_sums_must_come_from_the_same_concepts():
+    site, xs, _, loras = gcv_problem(37)
+    held = SiteSums("s#heldout", 40)
+    held.add("c0", xs[0].T @ xs[0], xs[0].shape[0], loras[0])
+    with pytest.raises(ValueError, match="held-out rows from"):
+        site.solve(1e-2, heldout=held)
+
+
 def test_gcv_picks_a_tiny_lam_when_concepts_do_not_conflict():
     # Orthogonal input subspaces: every concept can be reproduced, so GCV must not damp anything.
     g = gen(34)
@@ -633,6 +663,12 @@ def test_fusion_uses_float32_factor_products_only_at_a_large_fixed_eps(eps, want
     fusion = Fusion("fp", [Site("s", 8, ("s.to_q",), (8,), 1)], FusionConfig(eps=eps))
     try:
         assert fusion._sums("s").factor_products == want
+    finally:
+        fusion.close()
+    # a spatial site whose λ the held-out rows choose (it may be small): float64, for the fit and the held-out sums
+    fusion = Fusion("fp", [Site("s", 8, ("s.to_q",), (8,), 3)], FusionConfig(eps=eps, heldout=True))
+    try:
+        assert fusion._sums("s").factor_products == fusion._sums("s#heldout").factor_products == torch.float64
     finally:
         fusion.close()
 

@@ -280,6 +280,30 @@ def test_stats_must_cover_exactly_the_stage_sites(tiny_base, manifest):
         wire.decode_stats(rd, manifest, 2, "bob", "node 1")
 
 
+def test_held_out_shares_travel_beside_their_sites_and_only_where_asked(tiny_base, manifest):
+    from mos.shared.fusion.stats import heldout_key
+
+    fit = stats_for(manifest, 3)
+    both = fit | {heldout_key(s): gram(g.gram.shape[0], 20, 100 + i) for i, (s, g) in enumerate(sorted(fit.items()))}
+    rd = wire.encode_stats(RecordDict(), 3, "alice", tiny_base.fingerprint, both, dtype="float64")
+    m = pb.StagePayload.FromString(rd["stats"]["proto"])
+    assert sum(s.heldout for s in m.sites) == len(fit) and all("#" not in s.site for s in m.sites)
+    _, got = wire.decode_stats(rd, manifest, 3, "alice", "node 1", heldout=True)
+    assert set(got) == set(both)
+    for key, g in both.items():
+        assert got[key].rows == g.rows and torch.allclose(got[key].gram, g.gram)
+    with pytest.raises(WireError, match="unexpected"):  # a server that asked for none takes none
+        wire.decode_stats(rd, manifest, 3, "alice", "node 1")
+    partial = dict(both)
+    del partial[heldout_key(sorted(fit)[0])]
+    rd = wire.encode_stats(RecordDict(), 3, "alice", tiny_base.fingerprint, partial)
+    with pytest.raises(WireError, match="missing"):  # all of them or (an older client) none
+        wire.decode_stats(rd, manifest, 3, "alice", "node 1", heldout=True)
+    rd = wire.encode_stats(RecordDict(), 3, "alice", tiny_base.fingerprint, fit)
+    assert set(wire.decode_stats(rd, manifest, 3, "alice", "node 1", heldout=True)[1]) == set(fit)
+    assert wire.stats_cap(manifest, 3, heldout=True) > 1.9 * wire.stats_cap(manifest, 3) - (1 << 17)
+
+
 def test_wrong_dimension_rows_and_base_are_refused(tiny_base, manifest):
     rd = _stats_rd(tiny_base, manifest)
     m = pb.StagePayload.FromString(rd["stats"]["proto"])

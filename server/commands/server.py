@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mos.shared.fusion.config import FUSION_EPS, parse_eps
+from mos.shared.fusion.config import RIDGE_DEFAULT, parse_ridge
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -38,9 +38,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
                    help="layers fused (default: the base's, as tuning places LoRA: wide on tiny/world, else "
                    "attention)")
-    p.add_argument("--eps", type=parse_eps, default=FUSION_EPS, help="ridge factor ε of the solve at every input "
-                   f"site (λ = ε·tr(ΣG)/d; default {FUSION_EPS:g}), or 'gcv': λ per site by generalized "
-                   "cross-validation (as `mos fuse`)")
+    p.add_argument("--eps", type=parse_ridge, default=RIDGE_DEFAULT, help="the solve's ridge: 'heldout': λ of "
+                   "each spatial site chosen on held-out trajectories the clients also record, ε = 0.01 elsewhere; "
+                   "a number fixes ε at every site (λ = ε·tr(ΣG)/d); 'gcv': λ per site by generalized "
+                   "cross-validation. Default: 'heldout' on tiny and world, ε = 0.01 on other bases (as `mos fuse`)")
     p.add_argument("--kv-eps", type=float, default=None, metavar="EPS",
                    help="ridge factor of the cross-attention k/v sites (stage 2; default: the base's, 0.1 on world, "
                    "else --eps; as `mos fuse`)")
@@ -94,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
     keys = check(args)
     # bad values fail here, before any process starts
-    fusion = FusionConfig(args.method, args.one_shot, args.eps, args.sample_steps, args.sample_seed, args.guidance,
-                          args.gram_dtype, args.placement, args.kv_eps)
+    eps, heldout = args.eps
+    fusion = FusionConfig(args.method, args.one_shot, eps, args.sample_steps, args.sample_seed, args.guidance,
+                          args.gram_dtype, args.placement, args.kv_eps, heldout)
     settings = Settings(str(Path(args.out).resolve()), str(Path(args.state_dir).resolve()), args.rounds,
                         args.min_clients, args.stage_timeout, args.base, not args.no_preview, fusion=fusion)
     tls_names = [args.host, socket.gethostname(), *args.tls_name]

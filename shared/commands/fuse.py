@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mos.shared.commands.base import add_base_options
-from mos.shared.fusion.config import FUSION_EPS, METHODS, parse_eps
+from mos.shared.fusion.config import RIDGE_DEFAULT, METHODS, parse_ridge
 
 HELP = "fuse concepts' adapters on one machine"
 
@@ -25,9 +25,10 @@ def register(sub) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="guidance of the stage-3 sampling (default 7.5)")
     p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
                    help="layers fused (default: the base's, as tuning places LoRA: wide on tiny/world, else attention)")
-    p.add_argument("--eps", type=parse_eps, default=FUSION_EPS, help="ridge factor ε at every input site (λ = "
-                   f"ε·tr(ΣG)/d; default {FUSION_EPS:g}), or 'gcv': λ per site by generalized cross-validation; "
-                   "fusion.json records each site's λ")
+    p.add_argument("--eps", type=parse_ridge, default=RIDGE_DEFAULT, help="the solve's ridge: 'heldout': λ of "
+                   "each spatial site chosen on held-out trajectories sampled beside stage 3's, ε = 0.01 elsewhere; a "
+                   "number fixes ε at every site (λ = ε·tr(ΣG)/d); 'gcv': λ per site by generalized cross-validation. "
+                   "Default: 'heldout' on tiny and world, ε = 0.01 on other bases. fusion.json records each site's λ")
     p.add_argument("--kv-eps", type=float, default=None, metavar="EPS",
                    help="ridge factor of the cross-attention k/v sites (stage 2; default: the base's, 0.1 on world, "
                    "else --eps)")
@@ -40,8 +41,9 @@ def run(args) -> int:
     from mos.shared.fusion.config import FusionConfig
     from mos.shared.fusion.local import fuse, write_result
 
-    config = FusionConfig(args.method, args.one_shot, args.eps, args.steps, args.sample_seed, args.guidance,
-                          placement=args.placement, kv_eps=args.kv_eps)
+    eps, heldout = args.eps
+    config = FusionConfig(args.method, args.one_shot, eps, args.steps, args.sample_seed, args.guidance,
+                          placement=args.placement, kv_eps=args.kv_eps, heldout=heldout)
     adapters = [adapter_io.load_scaled(p) for p in args.adapters]
     result = fuse(adapters, args.base, config, args.device, args.dtype)
     out = Path(args.out)

@@ -29,7 +29,7 @@ from mos.shared.federation.gram_codec import GRAM_DTYPE, GramError, decode_gram,
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.gram import packed_len
-from mos.shared.fusion.stats import Stats
+from mos.shared.fusion.stats import Stats, heldout_key, site_of_key
 from mos.shared.sd.base import check_same_base
 from mos.shared.sd.concepts import N_TOKENS, Concept, check_class_word, check_name, check_trigger
 from mos.shared.sd.lora import Lora
@@ -251,7 +251,8 @@ def encode_tune(fingerprint: str, round_: int, config: FusionConfig, known: list
 def _put_config(m, config: FusionConfig) -> None:
     """The part of the fusion config a client needs, into a TuneRequest or FusedManifest."""
     m.one_shot, m.gram_dtype, m.placement = config.one_shot, config.gram_dtype, config.placement or "attention"
-    m.sampling.CopyFrom(pb.Sampling(steps=config.sample_steps, seed=config.sample_seed, guidance=config.guidance))
+    m.sampling.CopyFrom(pb.Sampling(steps=config.sample_steps, seed=config.sample_seed, guidance=config.guidance,
+                                    heldout=config.uses_heldout))
 
 
 def config_of(m) -> FusionConfig:
@@ -262,7 +263,7 @@ def config_of(m) -> FusionConfig:
         return FusionConfig(one_shot=m.one_shot, gram_dtype=m.gram_dtype or d.gram_dtype,
                             placement=m.placement or "attention",
                             sample_steps=s.steps if s else d.sample_steps, sample_seed=s.seed if s else d.sample_seed,
-                            guidance=s.guidance if s else d.guidance)
+                            guidance=s.guidance if s else d.guidance, heldout=s.heldout if s else False)
     except ValueError as e:
         raise WireError(f"server: {e}") from None
 
@@ -346,14 +347,21 @@ def adapter_cap(base: BaseManifest) -> int:
     return sum(MAX_RANK * (i + o) * 8 for i, o in dims) + base.n_layers * N_TOKENS * base.embedding_dim * 8 + (1 << 16)
 
 
-def stats_cap(base: BaseManifest, stage: int, one_shot: bool = False) -> int:
-    return sum(packed_len(s.dim) * 8 for s in base.stage_sites(stage, one_shot)) + (1 << 16)
+def stats_cap(base: BaseManifest, stage: int, one_shot: bool = False, heldout: bool = False) -> int:
+    return sum(packed_len(s.dim) * 8 for s in stats_sites(base, stage, one_shot, heldout).values()) + (1 << 16)
 
 
-def upload_cap(base: BaseManifest, one_shot: bool = False) -> int:
+def stats_sites(base: BaseManifest, stage: int, one_shot: bool = False, heldout: bool = False) -> dict[str, Site]:
+    """Statistics key -> site of what one stage's reply carries: every site of the stage, and with `heldout` the
+    held-out share of each spatial one (stats.heldout_key)."""
+    sites = base.stage_sites(stage, one_shot)
+    return {s.name: s for s in sites} | {heldout_key(s.name): s for s in sites if heldout and s.stage == 3}
+
+
+def upload_cap(base: BaseManifest, one_shot: bool = False, heldout: bool = False) -> int:
     """The most one reply may carry (train.tune: adapter + stage-1 statistics; or a later stage's statistics),
     plus room for the manifests: what the server's gateway lets one reply push before refusing the rest."""
-    stats = max(stats_cap(base, 1, one_shot), *(stats_cap(base, s) for s in (2, 3)))
+    stats = max(stats_cap(base, 1, one_shot, heldout), *(stats_cap(base, s, heldout=heldout) for s in (2, 3)))
     return adapter_cap(base) + stats + (1 << 20)
 
 
@@ -361,39 +369,41 @@ def encode_stats(rd: RecordDict, stage: int, concept: str, fingerprint: str, sta
                  from_cache: bool = False, dtype: str = GRAM_DTYPE) -> RecordDict:
     tensors: Tensors = {}
     m = pb.StagePayload(stage=stage, concept=concept, base_fingerprint=fingerprint, from_cache=from_cache)
-    for site, g in sorted(stats.items()):
+    for key, g in sorted(stats.items()):
         enc, rank, t = encode_gram(g, dtype)
+        site, held_out = site_of_key(key)
         m.sites.append(pb.SiteStats(site=site, dim=int(g.gram.shape[0]), rows=int(g.rows), encoding=enc, rank=rank,
-                                    tensor=_put(tensors, f"gram/{site}", t, dtype)))
+                                    tensor=_put(tensors, f"gram/{key}", t, dtype), heldout=held_out))
     return _pack(rd, "stats", m, tensors)
 
 
 def decode_stats(rd: RecordDict, base: BaseManifest, stage: int, concept: str, client: str,
-                 one_shot: bool = False) -> tuple[pb.StagePayload, Stats]:
-    """Every site of the stage exactly once, each Gram's layout checked (its content: Fusion.check_stats);
-    nothing partial comes back."""
+                 one_shot: bool = False, heldout: bool = False) -> tuple[pb.StagePayload, Stats]:
+    """Every site of the stage exactly once (with `heldout`, each spatial site's held-out share too), each Gram's
+    layout checked (its content: Fusion.check_stats); nothing partial comes back."""
     m = _proto(rd, "stats", pb.StagePayload, client)
     where = f"{client} (concept {concept!r}, stage {stage})"
     if m.stage != stage or m.concept != concept:
         raise WireError(f"{where}: payload is for stage {m.stage}, concept {m.concept!r}")
     check_same_base(f"{where}: the statistics", m.base_fingerprint, base.fingerprint, WireError)
-    want = {s.name: s for s in base.stage_sites(stage, one_shot)}
-    got = [s.site for s in m.sites]
+    got = [heldout_key(s.site) if s.heldout else s.site for s in m.sites]
+    # a client that records no held-out share (an older one) is answered at the fixed ε on those sites
+    want = stats_sites(base, stage, one_shot, heldout and any(s.heldout for s in m.sites))
     if sorted(got) != sorted(want) or len(set(got)) != len(got):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         raise WireError(f"{where}: sites do not match the base manifest (missing {missing[:3]}, unexpected "
                         f"{extra[:3]}{', duplicates' if len(set(got)) != len(got) else ''})")
-    tensors = _tensors(rd, "stats", where, stats_cap(base, stage, one_shot))
+    tensors = _tensors(rd, "stats", where, stats_cap(base, stage, one_shot, heldout))
     stats: Stats = {}
-    for s in m.sites:
-        site = want[s.site]
-        w = f"{where}, site {s.site}"
+    for s, key in zip(m.sites, got):
+        site = want[key]
+        w = f"{where}, site {key}"
         if s.dim != site.dim:
             raise WireError(f"{w}: dimension {s.dim}, the base's is {site.dim}")
         if not 1 <= s.rows <= MAX_ROWS:
             raise WireError(f"{w}: row count {s.rows} out of range 1..{MAX_ROWS}")
         try:
-            stats[s.site] = decode_gram(s.encoding, s.rank, _get(tensors, s.tensor, w), site.dim, int(s.rows), w)
+            stats[key] = decode_gram(s.encoding, s.rank, _get(tensors, s.tensor, w), site.dim, int(s.rows), w)
         except GramError as e:
             raise WireError(str(e)) from None
     return m, stats

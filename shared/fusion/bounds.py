@@ -59,7 +59,7 @@ class Bounds:
         neutral = Adapter(base.fingerprint, [Concept("mos-reference", "object", emb)], {})
         model = ConceptModel.from_adapter(copy.deepcopy(base), neutral)
         stats = stages.stage1(model, "mos-reference", FusionConfig(one_shot=True, sample_steps=2,
-                                                                   placement=placement))
+                                                                   placement=placement, heldout=False))
         power = {name: float(g.gram.diagonal().sum()) / max(g.rows, 1) for name, g in stats.items()}
         return cls(norms, power)
 

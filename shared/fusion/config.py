@@ -32,14 +32,45 @@ GCV = "gcv"
 KV_EPS = {"world": 0.1}
 
 
+# Stage 3's λ per spatial site is chosen on held-out rows by default: each concept also samples its first
+# statistics prompts once more from other seeds, and the server keeps, per site, the λ on GCV's grid whose fused
+# layer best reproduces every concept on those fresh rows (solver.py, "Choosing lam per site on held-out rows").
+# Spatial rows are steps of a few trajectories, so a second set of trajectories is what "fresh" means there; the
+# text encoder's and k/v sites' rows are the concept's tokens in the fixed statistics prompts, with nothing fresh to
+# hold out, and keep the fixed ε. On the world base's three concepts it kept alice / bob / carol at
+# 0.94 / 0.81–0.83 / 0.77–0.79 of the pictures against 0.94 / 0.81 / 0.71 at ε = 1e-2, and tied on tiny
+# (docs/world.md, docs/figures.md). It costs stage 3 one trajectory per prompt sampled more and a second Gram a spatial
+# site: on the toy bases a fraction of a megabyte, so it is their default; on SD1.5 it would double the largest
+# upload (query.spatial, ~99 MB more per client: ~250 MB against the 150 MB budget of docs/protocol.md) for a gain
+# not yet measured there, so real bases keep ε unless asked (`--eps heldout`).
+HELDOUT = "heldout"
+HELDOUT_BASES = ("tiny", "world")
+
+
+def heldout_by_default(base_spec: str) -> bool:
+    return base_spec.partition(":")[0] in HELDOUT_BASES
+
+
 def parse_eps(text: str) -> float | None:
-    """The --eps / run-config value: a number fixes ε; "gcv" picks λ per site by GCV (None)."""
+    """A number fixes ε; "gcv" picks λ per site by GCV (None)."""
     if text.strip().lower() == GCV:
         return None
     try:
         return float(text)
     except ValueError:
         raise ValueError(f"ridge factor {text!r}: a number >= 0, or {GCV!r}") from None
+
+
+# --eps left unset: ε = 1e-2, and held-out λ where the base's default says so
+RIDGE_DEFAULT: tuple[float | None, bool | None] = (FUSION_EPS, None)
+
+
+def parse_ridge(text: str) -> tuple[float | None, bool]:
+    """The --eps value as (eps, heldout): "heldout" chooses stage 3's λ on held-out rows, ε = 1e-2 elsewhere; a
+    number fixes ε at every site; "gcv" picks λ per site by GCV."""
+    if text.strip().lower() == HELDOUT:
+        return FUSION_EPS, True
+    return parse_eps(text), False
 
 
 @dataclass(frozen=True)
@@ -53,6 +84,8 @@ class FusionConfig:
     gram_dtype: str = "float32"  # how clients send Grams: float32 (half the bytes) or float64 (exact)
     placement: str | None = None  # layers fused (sd/sites.py); None: the base's default, as tuning uses
     kv_eps: float | None = None  # ridge factor of the k/v sites (stage 2); None: the base's (KV_EPS), else eps
+    heldout: bool | None = None  # stage 3: λ per site chosen on held-out trajectories (eps: the other stages');
+    #                              None: the base's default (heldout_by_default)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -73,13 +106,21 @@ class FusionConfig:
         return asdict(self)
 
     def resolved(self, base_spec: str) -> "FusionConfig":
-        """With the placement the base's recipe tunes (when unset: the fusion then covers every tuned layer) and
-        the base's k/v ridge (when unset)."""
+        """With the placement the base's recipe tunes (when unset: the fusion then covers every tuned layer), the
+        base's k/v ridge and its held-out default (when unset)."""
         from mos.shared.sd.architectures import default_placement
 
         placement = self.placement or default_placement(base_spec)
         kv_eps = self.kv_eps if self.kv_eps is not None else KV_EPS.get(base_spec)
-        return replace(self, placement=placement, kv_eps=kv_eps)
+        heldout = self.heldout if self.heldout is not None else heldout_by_default(base_spec)
+        return replace(self, placement=placement, kv_eps=kv_eps, heldout=heldout)
+
+    @property
+    def uses_heldout(self) -> bool:
+        """Stage 3 records a held-out share and its sites' λ are chosen on it: staged gradient fusion only. One-shot
+        statistics all come from each concept's own model; there held-out λ doubled the tiny base's retention
+        error (0.027 against 0.015 at ε = 1e-2), where staged it tied (docs/figures.md)."""
+        return bool(self.heldout) and not self.one_shot and self.method == "gradient"
 
     def eps_at(self, stage: int) -> float | None:
         """The ridge factor of a site of this stage (None: λ by GCV)."""

@@ -22,7 +22,7 @@ from mos.shared.fusion.bounds import Bounds, BoundsError
 from mos.shared.fusion.config import FusionConfig
 from mos.shared.fusion.gram import check_gram, check_psd, trapezoid_len
 from mos.shared.fusion.spill import SpilledLoras, SpilledTerms
-from mos.shared.fusion.stats import FactorGram, Gram, Stats, as_summed, gram_trace
+from mos.shared.fusion.stats import FactorGram, Gram, Stats, as_summed, gram_trace, heldout_key, site_of_key
 from mos.shared.fusion.stats_file import StoredGram, held, load_stats, save_stats
 from mos.shared.fusion.workers import default_workers, in_parallel
 from mos.shared.sd.base import check_same_base
@@ -155,17 +155,25 @@ class Fusion:
         G, factor = as_summed(g)
         self.sums[site].remove(name, G, g.rows, factor=factor)
 
-    def _sums(self, site: str) -> solver.SiteSums:
-        if site not in self.sums:
+    def _site(self, key: str) -> Site:
+        """The input site of a statistics key (a site's name, or its held-out share's: stats.heldout_key)."""
+        return self.sites[site_of_key(key)[0]]
+
+    def _sums(self, key: str) -> solver.SiteSums:
+        """The running sums of a site, or of its held-out rows (key: stats.heldout_key)."""
+        if key not in self.sums:
+            site = self._site(key)
             store = SpilledTerms(self.spill / "terms" / f"{len(self.sums):04d}")  # site names are not file names
-            products = self._factor_products(self.config.eps_at(self.sites[site].stage))
-            self.sums[site] = solver.SiteSums(site, self.sites[site].dim, store, products)
-        return self.sums[site]
+            chosen = site.stage == 3 and self.config.uses_heldout  # λ from the held-out rows: it may be small
+            products = self._factor_products(None if chosen else self.config.eps_at(site.stage))
+            self.sums[key] = solver.SiteSums(key, site.dim, store, products)
+        return self.sums[key]
 
     @staticmethod
     def _factor_products(eps: float | None) -> torch.dtype:
         """float32 RᵀR products (half the intake's time) only with a fixed ridge large enough that their rounding
-        stays far below fp16 weights' resolution (solver.py, "Gram precision"); float64 for GCV or a small ε."""
+        stays far below fp16 weights' resolution (solver.py, "Gram precision"); float64 for a λ chosen from the data
+        (GCV, held-out rows: eps=None) or a small ε."""
         return torch.float32 if eps is not None and eps >= FLOAT32_PRODUCTS_MIN_EPS else torch.float64
 
     def _kept(self, stats: Stats | dict[str, StoredGram]) -> dict[str, StoredGram]:
@@ -191,12 +199,12 @@ class Fusion:
 
         def add_site(site_name: str) -> None:
             g = held(stats[site_name])
-            loras = {l: lora[l] for l in self.sites[site_name].layers if l in lora}
+            loras = {l: lora[l] for l in self._site(site_name).layers if l in lora}
             G, factor = as_summed(g)  # a dense Gram was checked once, in check_stats (or before its file was marked)
             self.sums[site_name].add(name, G, g.rows, loras, factor=factor, checked=True)
 
         try:  # largest sites first: the workers finish together
-            in_parallel(add_site, sorted(stats, key=lambda s: -self.sites[s].dim), self.workers)
+            in_parallel(add_site, sorted(stats, key=lambda s: -self._site(s).dim), self.workers)
         finally:  # where a site failed, the others are in their sums: record them, as one at a time did
             for site_name in stats:
                 if name in self.sums[site_name].concepts:
@@ -214,10 +222,13 @@ class Fusion:
                     self.workers)
 
     def _check_site(self, name: str, site_name: str, g: Gram | FactorGram | StoredGram, added: dict) -> None:
-        site = self.sites.get(site_name)
+        bare, held_out = site_of_key(site_name)
+        site = self.sites.get(bare)
         what = f"concept {name!r}, site {site_name}"
         if site is None:
             raise FusionError(f"concept {name!r}: statistics for unknown site {site_name}")
+        if held_out and (site.stage != 3 or not self.config.uses_heldout):
+            raise FusionError(f"concept {name!r}: held-out statistics for {bare}, where none are asked for")
         if site_name in added:
             raise FusionError(f"concept {name!r}: statistics for {site_name} sent twice")
         if g.rows <= 0:
@@ -237,13 +248,13 @@ class Fusion:
             except ValueError as e:
                 raise FusionError(str(e)) from None
         if self.bounds is not None:
-            _bounded(self.bounds.check_power, f"concept {name!r}", site_name, gram_trace(g), g.rows)
+            _bounded(self.bounds.check_power, f"concept {name!r}", bare, gram_trace(g), g.rows)
 
     def forget_stage(self, stage: int) -> None:
         """Take every concept's statistics of one stage's sites out of the sums (they were computed with fused
         layers that held a concept since dropped: they are recomputed without it)."""
         for name, stats in self.stats.items():
-            for site_name in [s for s in stats if self.sites[s].stage == stage]:
+            for site_name in [s for s in stats if self._site(s).stage == stage]:
                 self._take_out(name, site_name, stats.pop(site_name))
 
     def close(self) -> None:
@@ -292,12 +303,20 @@ class Fusion:
         layers stay within them. Ridge regression is least squares under a norm bound, so a larger ε is that bound
         kept: honest concepts whose rows differ little can make a small-ε solve reach far past every concept's
         own change (the world base's mid-block attention, docs/world.md), which would otherwise fail the round."""
-        sol = _float32(self.sums[name].solve(self.config.eps_at(self.sites[name].stage)))
+        sol = _float32(self.sums[name].solve(self.config.eps_at(self.sites[name].stage), self._heldout(name)))
         for _ in range(RIDGE_RAISES):
             if self.bounds is None or self._within_bounds(sol.loras):
                 break
             sol = _float32(self.sums[name].solve(max(RIDGE_RAISE_FROM, sol.eps) * 10))  # max ignores a NaN ε
         return sol
+
+    def _heldout(self, name: str) -> solver.SiteSums | None:
+        """The site's held-out sums when λ is chosen on them: asked for, and sent by every concept in the fit
+        (a client that sent none, e.g. an older one, leaves the site at the fixed ε)."""
+        held = self.sums.get(heldout_key(name))
+        if not self.config.uses_heldout or held is None or sorted(held.concepts) != sorted(self.sums[name].concepts):
+            return None
+        return held
 
     def _within_bounds(self, lora: Lora) -> bool:
         try:
@@ -335,11 +354,16 @@ class Fusion:
                     residuals.setdefault(name, {})[site] = r
         return residuals
 
+    def _lambda_rule(self) -> str:
+        rule = "gcv" if self.config.eps is None else "fixed eps"
+        chosen = any(self._heldout(site) is not None for sols in self.solved.values() for site in sols)
+        return f"held out (spatial sites), {rule} elsewhere" if chosen else rule
+
     def report(self) -> dict:
         residuals = self.residuals()
         return {
             "method": self.config.method, "mode": "one-shot" if self.config.one_shot else "staged",
-            "eps": self.config.eps, "lambda_rule": "gcv" if self.config.eps is None else "fixed eps",
+            "eps": self.config.eps, "lambda_rule": self._lambda_rule(),
             "config": self.config.as_dict(), "fingerprint": self.fingerprint,
             "concepts": [concept_meta(c) for c in self.concepts],
             "dropped": self.dropped, "timings": self.timings,

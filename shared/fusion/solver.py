@@ -86,6 +86,26 @@ Real rows are tokens of a few prompts and steps of a few sampling trajectories, 
 overfitting there and picks lam near the floor; it also cannot see a later trajectory visiting
 other inputs. That is why the product's default (config.py) is a fixed eps and GCV is opt-in.
 
+Choosing lam per site on held-out rows (heldout=...)
+-----------------------------------------------------
+The rows GCV would need to be independent can be made so: each concept also records a held-out share, rows
+from sampling trajectories of other seeds (stages.py), summed into a second Gram H_i that the fit never sees.
+The lam kept is the one whose fused layer best reproduces every concept's outputs on those fresh rows:
+
+    HO(lam) = sum_i tr((dW(lam) - dW_i) H_i (dW(lam) - dW_i)^T)
+            = f^T K f - 2 c^T f + const,       f_j = 1 / (mu_j + lam),
+
+with, per layer l (B_l = [B_1 ... B_n], Q_l = (A G)_l V the fit's terms in SG's eigenbasis, and the held-out
+sums SH = sum_i H_i, M_l = sum_i B_i A_i H_i):
+
+    K = sum_l (Q_l^T B_l^T B_l Q_l) o (V^T SH V)           (o: elementwise),
+    c_j = sum_l (V^T M_l^T B_l Q_l)_jj.
+
+(Rotate dW(lam) = B_l Q_l diag(f) V^T into the trace and collect terms.) The server needs only the held-out
+sums SH and the terms B_i, A_i H_i: a second SiteSums of the same shape as the first. One eigh and two d x d
+products per layer, then O(d^2) per candidate lam on the grid of GCV. It measures what fusion is for, outputs on
+inputs the concept will meet, where a small lam that fits the recorded rows exactly extrapolates off them.
+
 LoRA form
 ---------
 P = sum_i B_i (A_i G_i) = [B_1 ... B_n] [A_1 G_1; ...; A_n G_n], hence dW* = B* A* exactly with
@@ -124,8 +144,10 @@ SiteSums(name, dim, store=None, factor_products=float64)
                                               loras: layer -> (B, A); gram dense d x d or packed, or (factor=True)
                                               R [k, d] with G = R^T R, summed without forming G
   .remove(concept, gram, rows, factor=False)  gram/rows as given to add
-  .solve(eps=DEFAULT_EPS) -> SiteSolution      eps=None: GCV over .rows
-solve_site(gram_sum, terms, eps, rows) -> SiteSolution  terms: layer -> [LayerTerm]; rows: n, for GCV
+  .solve(eps=DEFAULT_EPS, heldout=None) -> SiteSolution
+                                              eps=None: GCV over .rows; heldout: a SiteSums of held-out rows
+solve_site(gram_sum, terms, eps, rows, heldout=None) -> SiteSolution
+                                              terms: layer -> [LayerTerm]; rows: n, for GCV; heldout: (SH, terms)
 weight_fusion(loras, mode="sum"|"average") -> (B, A)
 residual_parts(B_star, A_star, B_i, A_i, G_i) -> (num, den)
 residual(B_star, A_star, B_i, A_i, G_i) -> float         num / den (nan if den == 0)
@@ -316,6 +338,48 @@ def _gcv(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], energy: float, rows
     return (Q * filt) @ V.T, lam, float(_GCV_EPS[k])
 
 
+def _stacked(terms: Sequence[LayerTerm], d_out: int, d_in: int) -> tuple[Tensor, Tensor]:
+    """([B_1 ... B_n], [A_1 G_1; ...; A_n G_n]) of one layer's terms (empty when no concept has one there)."""
+    if not terms:
+        return torch.zeros(d_out, 0, dtype=F64), torch.zeros(0, d_in, dtype=F64)
+    return torch.cat([t.B.to(F64) for t in terms], dim=1), torch.cat([t.AG.to(F64) for t in terms], dim=0)
+
+
+def _heldout(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], ho_sum: Tensor,
+             ho_terms: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, float, float]:
+    """A* = AG (SG + lam I)^-1 at the lam minimising the held-out error HO(lam) (module docstring); (A*, lam, eps).
+
+    AG and Bs as for _gcv; ho_terms holds each layer's ([B_1 ... B_n], [A_1 H_1; ...; A_n H_n]) of the held-out sums,
+    in the same layer order.
+    """
+    if not (_finite(gram_sum) and _finite(ho_sum)):
+        raise ValueError("gram sum contains NaN or Inf")
+    d = gram_sum.shape[0]
+    w, V = torch.linalg.eigh(symmetrised(gram_sum.to(F64)))
+    noise = max(0.0, -float(w.min()))
+    keep = w > max(d * torch.finfo(F64).eps * float(w.abs().max()), noise)
+    mean = float(w.sum()) / d
+    if mean <= 0 or not bool(keep.any()):
+        return torch.zeros_like(AG), 0.0, 0.0
+    Q = AG @ V
+    Hv = V.T @ symmetrised(ho_sum.to(F64)) @ V
+    K = torch.zeros(d, d, dtype=F64)
+    c = torch.zeros(d, dtype=F64)
+    start = 0
+    for B, (Bh, AH) in zip(Bs, ho_terms):
+        Ql = Q[start : start + B.shape[1]]
+        start += B.shape[1]
+        K += (Ql.T @ (B.T @ B) @ Ql) * Hv
+        c += ((AH @ V) * ((Bh.T @ B) @ Ql)).sum(0)
+    K, c = K[keep][:, keep], c[keep]
+    f = 1.0 / (w[keep, None] + _GCV_EPS[None, :] * mean)  # kept directions x candidates
+    ho = (f * (K @ f)).sum(0) - 2 * (c[:, None] * f).sum(0)
+    k = int(torch.argmin(ho))
+    lam = float(_GCV_EPS[k]) * mean
+    filt = torch.where(keep, 1.0 / (w + lam), torch.zeros_like(w))
+    return (Q * filt) @ V.T, lam, float(_GCV_EPS[k])
+
+
 # --------------------------------------------------------------------------- LoRA form
 
 
@@ -332,20 +396,27 @@ def _as_lora(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, bool]:
 
 
 def solve_site(
-    gram_sum: Tensor, terms: Mapping[str, Sequence[LayerTerm]], eps: float | None = DEFAULT_EPS, rows: int = 0
+    gram_sum: Tensor, terms: Mapping[str, Sequence[LayerTerm]], eps: float | None = DEFAULT_EPS, rows: int = 0,
+    heldout: tuple[Tensor, Mapping[str, Sequence[LayerTerm]]] | None = None,
 ) -> SiteSolution:
     """Fused LoRA per layer of one input site: B* = [B_i], A* = [A_i G_i] (SG + lam I)^-1.
 
-    lam = eps * tr(SG) / d, or with eps=None the GCV choice over `rows` input rows (module docstring).
+    lam = eps * tr(SG) / d; with `heldout` (SH and its terms B_i, A_i H_i) the lam whose fit best reproduces every
+    concept on its held-out rows; with eps=None the GCV choice over `rows` input rows (module docstring).
     Layers with no terms are left out of the result (nothing to fuse).
     """
     layers = [name for name, ts in terms.items() if len(ts) > 0]
     d = gram_sum.shape[0]
-    if eps is None and layers and d > 0:
+    if (eps is None or heldout is not None) and layers and d > 0:
         AG = torch.cat([t.AG.to(F64) for name in layers for t in terms[name]], dim=0)
         Bs = [torch.cat([t.B.to(F64) for t in terms[name]], dim=1) for name in layers]  # [B_1 ... B_n] per layer
-        energy = sum(t.energy for name in layers for t in terms[name])
-        A_all, lam, eps = _gcv(gram_sum, AG, Bs, energy, rows)
+        if heldout is not None:
+            ho_sum, ho = heldout
+            ho_terms = [_stacked(ho.get(name, []), Bs[i].shape[0], d) for i, name in enumerate(layers)]
+            A_all, lam, eps = _heldout(gram_sum, AG, Bs, ho_sum, ho_terms)
+        else:
+            energy = sum(t.energy for name in layers for t in terms[name])
+            A_all, lam, eps = _gcv(gram_sum, AG, Bs, energy, rows)
         path = "eigh"
     else:
         eps = eps or 0.0  # None with nothing to fuse: no lam to choose
@@ -491,9 +562,14 @@ class SiteSums:
             self._upper -= G
             self.rows -= rows
 
-    def solve(self, eps: float | None = DEFAULT_EPS) -> SiteSolution:
-        """eps=None: lam by GCV (module docstring)."""
-        return solve_site(self.gram_sum, self.terms(), eps, self.rows)
+    def solve(self, eps: float | None = DEFAULT_EPS, heldout: "SiteSums | None" = None) -> SiteSolution:
+        """eps=None: lam by GCV; heldout: the held-out rows' sums of the same concepts, lam chosen on them (module
+        docstring)."""
+        if heldout is not None and sorted(heldout.concepts) != sorted(self.concepts):
+            raise ValueError(f"site {self.name!r}: held-out rows from {sorted(heldout.concepts)}, fit rows from "
+                             f"{sorted(self.concepts)}")
+        ho = (heldout.gram_sum, heldout.terms()) if heldout is not None else None
+        return solve_site(self.gram_sum, self.terms(), eps, self.rows, ho)
 
     def _check_lora(self, where: str, layer: str, B: Tensor, A: Tensor) -> None:
         if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or A.shape[1] != self.dim:

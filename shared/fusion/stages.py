@@ -16,7 +16,7 @@ import torch
 
 from mos.shared.formats.adapter import Adapter
 from mos.shared.fusion.config import FusionConfig
-from mos.shared.fusion.stats import Stats, StatsRecorder, empty
+from mos.shared.fusion.stats import Stats, StatsRecorder, empty, heldout_key
 from mos.shared.sampling.denoise import denoise, seeded_latents
 from mos.shared.sd.architectures import stat_prompts_of
 from mos.shared.sd.base import Base
@@ -43,6 +43,12 @@ def stage3_prompts(concept: str, spec: str) -> list[str]:
     """The prompts stage 3 samples for `concept` on the base `spec`, one trajectory each."""
     n, k = STAGE3_SAMPLES.get(spec, STAGE3_DEFAULT)
     return prompts_for(concept, spec)[:n] * k
+
+
+def heldout_prompts(concept: str, spec: str) -> list[str]:
+    """The held-out share's prompts: the sampled prompts once each, from the seeds after the fitted trajectories'."""
+    n, _ = STAGE3_SAMPLES.get(spec, STAGE3_DEFAULT)
+    return prompts_for(concept, spec)[:n]
 
 
 def sites_of(base_or_model, stage: int, placement: str | None = None) -> list[Site]:
@@ -80,9 +86,19 @@ def kv_stats(model: ConceptModel, concept: str) -> Stats:
 
 @torch.no_grad()
 def spatial_stats(model: ConceptModel, concept: str, config: FusionConfig = FusionConfig()) -> Stats:
+    """The spatial sites' Grams along the stage-3 trajectories; with config.uses_heldout also each site's held-out share
+    (under stats.heldout_key), from trajectories of the seeds that follow."""
     prompts = stage3_prompts(concept, model.base.spec)
+    stats = _sampled(model, prompts, config.sample_seed, config)
+    if config.uses_heldout:
+        held = _sampled(model, heldout_prompts(concept, model.base.spec), config.sample_seed + len(prompts), config)
+        stats |= {heldout_key(site): g for site, g in held.items()}
+    return stats
+
+
+def _sampled(model: ConceptModel, prompts: list[str], seed: int, config: FusionConfig) -> Stats:
     cond, uncond = model.encode(prompts), model.encode([""] * len(prompts))
-    latents = seeded_latents(model, range(config.sample_seed, config.sample_seed + len(prompts)))
+    latents = seeded_latents(model, range(seed, seed + len(prompts)))
     with StatsRecorder(model.models, sites_of(model, 3, config.placement)) as rec:
         denoise(model, cond, uncond, latents, config.sample_steps, config.guidance, progress=False)
     return rec.stats

@@ -65,6 +65,19 @@ class FactorGram:
 # A site's statistics: dense (what a recorder accumulates) or factored (what the server receives).
 Stats = dict[str, "Gram | FactorGram"]
 
+# A stage-3 site's held-out share (rows from trajectories of other seeds, used only to choose its λ) travels and is
+# kept beside the site's own Gram under the site's name with this suffix (no site name holds a '#').
+HELDOUT_SUFFIX = "#heldout"
+
+
+def heldout_key(site: str) -> str:
+    return site + HELDOUT_SUFFIX
+
+
+def site_of_key(key: str) -> tuple[str, bool]:
+    """(site name, held out?) of a statistics key."""
+    return (key.removesuffix(HELDOUT_SUFFIX), True) if key.endswith(HELDOUT_SUFFIX) else (key, False)
+
 
 def as_summed(g: "Gram | FactorGram") -> tuple[torch.Tensor, bool]:
     """(tensor, factor) as SiteSums.add/remove and site_residual take a Gram: R for a factored one, else G."""
