@@ -573,6 +573,16 @@ def test_heldout_lam_equals_its_definition_on_explicit_rows(seed):
         assert rel(chosen.loras[layer][0] @ chosen.loras[layer][1], fixed.loras[layer][0] @ fixed.loras[layer][1]) < 1e-9
 
 
+def test_held_out_rows_that_ask_for_the_heaviest_ridge_get_at_most_eps_1():
+    # One party's held-out rows, all power on directions where its own change is nothing (no LoRA on the layer),
+    # make W0 the best held-out fit: the choice stops at eps = 1, the top of its grid, not GCV's 10.
+    site, xs, _, loras = gcv_problem(38)
+    held = SiteSums("s#heldout", 40)
+    for i, (x, lo) in enumerate(zip(xs, loras)):
+        held.add(f"c{i}", (x.T @ x) * (1e6 if i == 0 else 1e-6), x.shape[0], {} if i == 0 else lo)
+    assert site.solve(1e-2, heldout=held).eps == pytest.approx(1.0)
+
+
 def test_heldout_sums_must_come_from_the_same_concepts():
     site, xs, _, loras = gcv_problem(37)
     held = SiteSums("s#heldout", 40)

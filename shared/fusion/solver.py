@@ -103,7 +103,8 @@ sums SH = sum_i H_i, M_l = sum_i B_i A_i H_i):
 
 (Rotate dW(lam) = B_l Q_l diag(f) V^T into the trace and collect terms.) The server needs only the held-out
 sums SH and the terms B_i, A_i H_i: a second SiteSums of the same shape as the first. One eigh and two d x d
-products per layer, then O(d^2) per candidate lam on the grid of GCV. It measures what fusion is for, outputs on
+products per layer, then O(d^2) per candidate lam on the grid of GCV up to eps = 1 (held-out rows come from the
+parties: the cap bounds how much ridge one of them can ask for). It measures what fusion is for, outputs on
 inputs the concept will meet, where a small lam that fits the recorded rows exactly extrapolates off them.
 
 LoRA form
@@ -338,6 +339,13 @@ def _gcv(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], energy: float, rows
     return (Q * filt) @ V.T, lam, float(_GCV_EPS[k])
 
 
+# The held-out choice's candidates: GCV's grid up to eps = 1. Held-out rows come from the parties, so one of them could
+# shape its rows to ask for a heavy ridge that leaves every concept's change at that site damped; the cap bounds what
+# that can do (eps = 1: each direction kept at mu / (mu + mean mu) of its fit), and the world base's sites chose 0.1 at
+# most.
+_HELDOUT_EPS = _GCV_EPS[_GCV_EPS <= 1.0]
+
+
 def _stacked(terms: Sequence[LayerTerm], d_out: int, d_in: int) -> tuple[Tensor, Tensor]:
     """([B_1 ... B_n], [A_1 G_1; ...; A_n G_n]) of one layer's terms (empty when no concept has one there)."""
     if not terms:
@@ -372,12 +380,12 @@ def _heldout(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], ho_sum: Tensor,
         K += (Ql.T @ (B.T @ B) @ Ql) * Hv
         c += ((AH @ V) * ((Bh.T @ B) @ Ql)).sum(0)
     K, c = K[keep][:, keep], c[keep]
-    f = 1.0 / (w[keep, None] + _GCV_EPS[None, :] * mean)  # kept directions x candidates
+    f = 1.0 / (w[keep, None] + _HELDOUT_EPS[None, :] * mean)  # kept directions x candidates
     ho = (f * (K @ f)).sum(0) - 2 * (c[:, None] * f).sum(0)
     k = int(torch.argmin(ho))
-    lam = float(_GCV_EPS[k]) * mean
+    lam = float(_HELDOUT_EPS[k]) * mean
     filt = torch.where(keep, 1.0 / (w + lam), torch.zeros_like(w))
-    return (Q * filt) @ V.T, lam, float(_GCV_EPS[k])
+    return (Q * filt) @ V.T, lam, float(_HELDOUT_EPS[k])
 
 
 # --------------------------------------------------------------------------- LoRA form
