@@ -182,6 +182,21 @@ def test_grams_outside_the_base_bounds_are_refused(tiny_base, bounded, fault, pa
         fusion.check_stats("alice", {site.name: Gram(bad, g.rows)})
 
 
+def test_a_held_out_share_outside_the_base_bounds_is_refused_like_its_site(tiny_base, bounded):
+    from mos.shared.fusion.stats import heldout_key
+
+    sites, cfg, bounds = bounded
+    assert cfg.uses_heldout  # the tiny base's default
+    fusion = _fusion(tiny_base, bounded)
+    fusion.add(random_adapter(tiny_base, "alice", "doll", 1, placement=cfg.placement))
+    site = next(s for s in sites if s.stage == 3 and s.conv is None)
+    g = _honest_gram(site)
+    g = Gram(g.gram * (bounds.row_power[site.name] * g.rows / float(g.gram.diagonal().sum())), g.rows)
+    fusion.check_stats("alice", {heldout_key(site.name): g})
+    with pytest.raises(FusionError, match=f"site {site.name}: trace"):
+        fusion.check_stats("alice", {heldout_key(site.name): Gram(g.gram * 1e30, g.rows)})
+
+
 def test_fused_result_outside_bounds_is_never_sent(tiny_base, bounded):
     fusion = _fusion(tiny_base, bounded)
     layer = next(iter(bounded[2].weight_norms))
