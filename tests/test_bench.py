@@ -79,4 +79,5 @@ def test_ridge_bench_runs_and_its_held_out_choice_picks_from_the_grid(tmp_path):
         held = row["methods"]["heldout"]
         assert min(abs(held["eps"] - g) for g in _GCV_EPS.tolist()) <= 1e-9 * held["eps"]
         assert 0 < held["fit_rel"] < 1 and 0 < held["held_rel"] < 1  # better than leaving W0, on both row sets
-    assert set(result["summary"]["heldout_eps"]) == {f"{r['kind']} {r['d_in']}->{r['d_out']}" for r in result["problems"]}
+    names = {f"{r['kind']} {r['d_in']}->{r['d_out']}" for r in result["problems"]}
+    assert set(result["summary"]["heldout_eps"]) == names

@@ -569,8 +569,8 @@ def test_heldout_lam_equals_its_definition_on_explicit_rows(seed):
     assert chosen.eps == pytest.approx(_GCV_EPS[best].item(), rel=1e-9) and chosen.path == "eigh"
     assert direct[best] < min(direct[0], direct[-1])  # an inner optimum: the choice has something to choose
     fixed = site.solve(chosen.eps)
-    for layer in fixed.loras:
-        assert rel(chosen.loras[layer][0] @ chosen.loras[layer][1], fixed.loras[layer][0] @ fixed.loras[layer][1]) < 1e-9
+    for layer, (B, A) in fixed.loras.items():
+        assert rel(chosen.loras[layer][0] @ chosen.loras[layer][1], B @ A) < 1e-9
 
 
 def test_held_out_rows_that_ask_for_the_heaviest_ridge_get_at_most_eps_1():

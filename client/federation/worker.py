@@ -153,7 +153,8 @@ class Worker:
     def cached(self, stage: int, request: str, cfg: FusionConfig, compute) -> tuple[Stats, bool]:
         # what decides the statistics: the Gram dtype only changes how they travel
         what = {"one_shot": cfg.one_shot, "steps": cfg.sample_steps, "seed": cfg.sample_seed, "guidance": cfg.guidance,
-                "placement": cfg.placement, "heldout": cfg.uses_heldout, "prompts": stages.prompts_for(self.name, self.base.spec),
+                "placement": cfg.placement, "heldout": cfg.uses_heldout,
+                "prompts": stages.prompts_for(self.name, self.base.spec),
                 "sampled": stages.stage3_prompts(self.name, self.base.spec)}  # cached with other prompts: not these
         key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "stage": stage, "adapter": self.digest,
                                          "base": self.base.fingerprint, "request": request, **what},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mos.shared.commands.base import add_base_options
-from mos.shared.fusion.config import RIDGE_DEFAULT, METHODS, parse_ridge
+from mos.shared.fusion.config import METHODS, RIDGE_DEFAULT, parse_ridge
 
 HELP = "fuse concepts' adapters on one machine"
 
@@ -27,8 +27,9 @@ def register(sub) -> None:
                    help="layers fused (default: the base's, as tuning places LoRA: wide on tiny/world, else attention)")
     p.add_argument("--eps", type=parse_ridge, default=RIDGE_DEFAULT, help="the solve's ridge: 'heldout': λ of "
                    "each spatial site chosen on held-out trajectories sampled beside stage 3's, ε = 0.01 elsewhere; a "
-                   "number fixes ε at every site (λ = ε·tr(ΣG)/d); 'gcv': λ per site by generalized cross-validation. "
-                   "Default: 'heldout' on tiny and world, ε = 0.01 on other bases. fusion.json records each site's λ")
+                   "number fixes ε at every site (λ = ε·tr(ΣG)/d); 'gcv': λ per site by generalized "
+                   "cross-validation. Default: 'heldout' on tiny and world, ε = 0.01 on other bases. fusion.json "
+                   "records each site's λ")
     p.add_argument("--kv-eps", type=float, default=None, metavar="EPS",
                    help="ridge factor of the cross-attention k/v sites (stage 2; default: the base's, 0.1 on world, "
                    "else --eps)")
