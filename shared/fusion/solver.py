@@ -84,7 +84,8 @@ numerical floor above) to 10, four points a decade, and the solve at the minimum
 the Grams' rounding noise get no update, as on the eigh fallback. GCV's n assumes independent rows.
 Real rows are tokens of a few prompts and steps of a few sampling trajectories, so it sees little
 overfitting there and picks lam near the floor; it also cannot see a later trajectory visiting
-other inputs. That is why the product's default (config.py) is a fixed eps and GCV is opt-in.
+other inputs. That is why GCV is opt-in; the product's defaults (config.py) are a fixed eps, and on the toy bases
+lam chosen per spatial site on held-out rows (next section).
 
 Choosing lam per site on held-out rows (heldout=...)
 -----------------------------------------------------
