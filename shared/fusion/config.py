@@ -32,17 +32,17 @@ GCV = "gcv"
 KV_EPS = {"world": 0.1}
 
 
-# Stage 3's λ per spatial site can be chosen on held-out rows (the default on the toy bases): each concept also
-# samples its first statistics prompts once more from other seeds, and the server keeps, per site, the λ on GCV's
-# grid (up to ε = 1) whose fused layer best reproduces every concept on those fresh rows (solver.py, "Choosing lam
-# per site on held-out rows"). Spatial rows are steps of a few trajectories, so a second set of trajectories is what
-# "fresh" means there; the text encoder's and k/v sites' rows are the concept's tokens in the fixed statistics
-# prompts, with nothing fresh to hold out, and keep the fixed ε. On the world base's three concepts it kept alice / bob / carol at
-# 0.94 / 0.81–0.83 / 0.77–0.79 of the pictures against 0.94 / 0.81 / 0.71 at ε = 1e-2, and tied on tiny
-# (docs/world.md, docs/figures.md). It costs stage 3 one trajectory per prompt sampled more and a second Gram a spatial
-# site: on the toy bases a fraction of a megabyte, so it is their default; on SD1.5 it would double the largest
-# upload (query.spatial, ~99 MB more per client: ~250 MB against the 150 MB budget of docs/protocol.md) for a gain
-# not yet measured there, so real bases keep ε unless asked (`--eps heldout`).
+# Stage 3's λ per spatial site can be chosen on held-out rows (the default on the toy bases): each concept also samples
+# its first statistics prompts once more from other seeds, and the server keeps, per site, the λ on GCV's grid (up to ε
+# = 1) whose fused layer best reproduces every concept on those fresh rows (solver.py, "Choosing lam per site on
+# held-out rows"). Spatial rows are steps of a few trajectories, so a second set of trajectories is what "fresh" means
+# there; the text encoder's and k/v sites' rows are the concept's tokens in the fixed statistics prompts, with nothing
+# fresh to hold out, and keep the fixed ε. On the world base's three concepts it kept alice / bob / carol at 0.94 /
+# 0.81–0.83 / 0.77–0.79 of the pictures against 0.94 / 0.81 / 0.71 at ε = 1e-2, and tied on tiny (docs/world.md,
+# docs/figures.md). It costs stage 3 one trajectory per prompt sampled more and a second Gram a spatial site: on the toy
+# bases a fraction of a megabyte, so it is their default; on SD1.5 it would double the largest upload (query.spatial,
+# ~99 MB more per client: ~250 MB against the 150 MB budget of docs/protocol.md) for a gain not yet measured there, so
+# real bases keep ε unless asked (`--eps heldout`).
 HELDOUT = "heldout"
 HELDOUT_BASES = ("tiny", "world")
 
