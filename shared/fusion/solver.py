@@ -302,6 +302,30 @@ def _pivots_ok(L: Tensor, M: Tensor) -> bool:
 _GCV_EPS = torch.logspace(-8, 1, 37, dtype=F64)  # candidate lam / mean eigenvalue: 1e-8 .. 10, 4 a decade
 
 
+def _spectrum(gram_sum: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    """SG = V diag(w) V^T, the directions above rounding and noise (keep), and the mean eigenvalue. As in _factor's
+    fallback: a Gram sum has no negative eigenvalue, so the most negative one measures the noise."""
+    d = gram_sum.shape[0]
+    w, V = torch.linalg.eigh(symmetrised(gram_sum.to(F64)))
+    noise = max(0.0, -float(w.min()))
+    keep = w > max(d * torch.finfo(F64).eps * float(w.abs().max()), noise)
+    return w, V, keep, float(w.sum()) / d
+
+
+def _layer_blocks(Q: Tensor, Bs: Sequence[Tensor]):
+    """(B_l, Q_l) per layer: Q stacks every layer's rows in the order of Bs."""
+    start = 0
+    for B in Bs:
+        yield B, Q[start : start + B.shape[1]]
+        start += B.shape[1]
+
+
+def _ridge_in_basis(Q: Tensor, V: Tensor, w: Tensor, keep: Tensor, lam: float) -> Tensor:
+    """A* = Q diag(1 / (w + lam)) V^T on the kept directions; none along the others."""
+    filt = torch.where(keep, 1.0 / (w + lam), torch.zeros_like(w))
+    return (Q * filt) @ V.T
+
+
 def _gcv(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], energy: float, rows: int) -> tuple[Tensor, float, float]:
     """A* = AG (SG + lam I)^-1 at the lam minimising GCV (module docstring); returns (A*, lam, eps).
 
@@ -311,19 +335,12 @@ def _gcv(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], energy: float, rows
         raise ValueError("gram sum contains NaN or Inf")
     if rows <= 0 or not math.isfinite(energy):
         raise ValueError("choosing lam by GCV needs the row count and every term's energy")
-    d = gram_sum.shape[0]
-    w, V = torch.linalg.eigh(symmetrised(gram_sum.to(F64)))
-    noise = max(0.0, -float(w.min()))  # as in _factor's fallback: a Gram sum has no negative eigenvalue
-    keep = w > max(d * torch.finfo(F64).eps * float(w.abs().max()), noise)
-    mean = float(w.sum()) / d
+    w, V, keep, mean = _spectrum(gram_sum)
     if mean <= 0 or not bool(keep.any()):
         return torch.zeros_like(AG), 0.0, 0.0
     Q = AG @ V  # P_l V = B_l Q_l per layer, so s_j = sum_l ||B_l Q_l[:, j]||^2 = sum_l q^T (B_l^T B_l) q
-    s = torch.zeros(d, dtype=F64)
-    start = 0
-    for B in Bs:
-        Ql = Q[start : start + B.shape[1]]
-        start += B.shape[1]
+    s = torch.zeros(gram_sum.shape[0], dtype=F64)
+    for B, Ql in _layer_blocks(Q, Bs):
         s += (Ql * ((B.T @ B) @ Ql)).sum(0)
     wk, sk = w[keep, None], s[keep, None]
     lams = _GCV_EPS[None, :] * mean
@@ -336,8 +353,7 @@ def _gcv(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], energy: float, rows
     # No finite GCV means fewer rows than even the largest lam's df: too little data to judge, so damp the most.
     k = int(torch.argmin(gcv)) if bool(torch.isfinite(gcv).any()) else len(_GCV_EPS) - 1
     lam = float(lams[0, k])
-    filt = torch.where(keep, 1.0 / (w + lam), torch.zeros_like(w))
-    return (Q * filt) @ V.T, lam, float(_GCV_EPS[k])
+    return _ridge_in_basis(Q, V, w, keep, lam), lam, float(_GCV_EPS[k])
 
 
 # The held-out choice's candidates: GCV's grid up to eps = 1. Held-out rows come from the parties, so one of them could
@@ -363,21 +379,15 @@ def _heldout(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], ho_sum: Tensor,
     """
     if not (_finite(gram_sum) and _finite(ho_sum)):
         raise ValueError("gram sum contains NaN or Inf")
-    d = gram_sum.shape[0]
-    w, V = torch.linalg.eigh(symmetrised(gram_sum.to(F64)))
-    noise = max(0.0, -float(w.min()))
-    keep = w > max(d * torch.finfo(F64).eps * float(w.abs().max()), noise)
-    mean = float(w.sum()) / d
+    w, V, keep, mean = _spectrum(gram_sum)
     if mean <= 0 or not bool(keep.any()):
         return torch.zeros_like(AG), 0.0, 0.0
+    d = gram_sum.shape[0]
     Q = AG @ V
     Hv = V.T @ symmetrised(ho_sum.to(F64)) @ V
     K = torch.zeros(d, d, dtype=F64)
     c = torch.zeros(d, dtype=F64)
-    start = 0
-    for B, (Bh, AH) in zip(Bs, ho_terms):
-        Ql = Q[start : start + B.shape[1]]
-        start += B.shape[1]
+    for (B, Ql), (Bh, AH) in zip(_layer_blocks(Q, Bs), ho_terms):
         K += (Ql.T @ (B.T @ B) @ Ql) * Hv
         c += ((AH @ V) * ((Bh.T @ B) @ Ql)).sum(0)
     K, c = K[keep][:, keep], c[keep]
@@ -385,8 +395,7 @@ def _heldout(gram_sum: Tensor, AG: Tensor, Bs: Sequence[Tensor], ho_sum: Tensor,
     ho = (f * (K @ f)).sum(0) - 2 * (c[:, None] * f).sum(0)
     k = int(torch.argmin(ho))
     lam = float(_HELDOUT_EPS[k]) * mean
-    filt = torch.where(keep, 1.0 / (w + lam), torch.zeros_like(w))
-    return (Q * filt) @ V.T, lam, float(_HELDOUT_EPS[k])
+    return _ridge_in_basis(Q, V, w, keep, lam), lam, float(_HELDOUT_EPS[k])
 
 
 # --------------------------------------------------------------------------- LoRA form
@@ -416,9 +425,10 @@ def solve_site(
     """
     layers = [name for name, ts in terms.items() if len(ts) > 0]
     d = gram_sum.shape[0]
+    Bs = [torch.cat([t.B.to(F64) for t in terms[name]], dim=1) for name in layers]  # [B_1 ... B_n] per layer
+    # every layer's A_i G_i rows stacked, in the order of Bs: one solve serves the whole site
+    AG = torch.cat([t.AG.to(F64) for name in layers for t in terms[name]], dim=0) if layers else None
     if (eps is None or heldout is not None) and layers and d > 0:
-        AG = torch.cat([t.AG.to(F64) for name in layers for t in terms[name]], dim=0)
-        Bs = [torch.cat([t.B.to(F64) for t in terms[name]], dim=1) for name in layers]  # [B_1 ... B_n] per layer
         if heldout is not None:
             ho_sum, ho = heldout
             ho_terms = [_stacked(ho.get(name, []), Bs[i].shape[0], d) for i, name in enumerate(layers)]
@@ -432,17 +442,11 @@ def solve_site(
         solve, path, lam = _factor(gram_sum, eps)
         if not layers:
             return SiteSolution({}, path, lam, eps=eps)
-        # One triangular solve for every layer of the site: stack all A_i G_i rows.
-        AG = torch.cat([t.AG.to(F64) for name in layers for t in terms[name]], dim=0)
         A_all = solve(AG.T).T
 
     out: dict[str, tuple[Tensor, Tensor]] = {}
     dense: set[str] = set()
-    start = 0
-    for name in layers:
-        B = torch.cat([t.B.to(F64) for t in terms[name]], dim=1)
-        A = A_all[start : start + B.shape[1]]
-        start += B.shape[1]
+    for name, (B, A) in zip(layers, _layer_blocks(A_all, Bs)):
         B_out, A_out, went_dense = _as_lora(B, A.contiguous())
         out[name] = (B_out, A_out)
         if went_dense:
