@@ -388,3 +388,88 @@ def test_layout_discs_fill_their_boxes_up_to_the_largest_object_the_base_draws()
     uncapped = np.asarray(disc_sketch([(0, 0, 0.5, 1), (0.5, 0, 1, 1)], (128, 64))) > 0
     assert sketch[:, :64].sum() == sketch[:, 64:].sum() < 0.6 * uncapped[:, :64].sum()
     assert not sketch[:, 60:68].any()
+
+
+# ---------------------------------------------------------------------------------------------- kept apart
+
+def attn1(model, k=0):
+    unet = model.base.unet
+    return unet.get_submodule(cross_attention_layers(unet)[k][: -len("attn2")] + "attn1")
+
+
+CORES = [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]  # top-left and bottom-right quarters of an 8×8 latent
+
+
+def test_apart_is_stock_self_attention_with_fewer_than_two_cores(model):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from mos.shared.sampling.apart import ApartAttnProcessor
+
+    attn = attn1(model)
+    x = torch.randn(2, 64, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = AttnProcessor2_0()(attn, x)
+        for cores in ([], CORES[:1]):
+            torch.testing.assert_close(ApartAttnProcessor([cores], (8, 8))(attn, x), stock)
+
+
+def test_a_query_in_one_core_never_sees_the_other_core(model):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from mos.shared.sampling.apart import ApartAttnProcessor
+
+    attn = attn1(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 64, attn.to_q.in_features, generator=g)
+    grid = torch.arange(64).view(8, 8)
+    first, second = grid[:4, :4].flatten(), grid[4:, 4:].flatten()
+    outside = grid[:4, 4:].flatten()
+    y = x.clone()
+    y[:, second] += torch.randn(1, len(second), x.shape[-1], generator=g)  # only the second core changes
+    apart, stock = ApartAttnProcessor([CORES], (8, 8)), AttnProcessor2_0()
+    with torch.no_grad():
+        a, b = apart(attn, x), apart(attn, y)
+        torch.testing.assert_close(a[:, first], b[:, first])  # the first core does not see the second
+        assert not torch.allclose(a[:, outside], b[:, outside])  # the background still sees both
+        assert not torch.allclose(stock(attn, x)[:, first], stock(attn, y)[:, first])  # and stock attention would
+
+
+def test_only_boxes_that_name_a_concept_are_kept_apart(model):
+    from mos.shared.sampling.apart import concept_cores
+
+    base = model.base
+    left, middle, right = (0, 0, 1 / 3, 1), (1 / 3, 0, 2 / 3, 1), (2 / 3, 0, 1, 1)
+    pic = [Region("a <alice>", box=left), Region("a red circle", box=middle), Region("a <bob>", box=right)]
+    size = (3 * base.resolution, base.resolution)
+    cores = concept_cores(pic, size, base)
+    assert len(cores) == 2
+    for core, box in zip(cores, (left, right)):
+        assert box[0] <= core[0] < core[2] <= box[2] and box[1] <= core[1] < core[3] <= box[3]
+    assert concept_cores(pic[:2], size, base) == []  # one concept: nothing to keep apart
+
+
+def test_each_picture_of_a_batch_keeps_its_own_concepts_apart(model):
+    """Under guidance the batch is [uncond, cond] of every picture: picture p's rows take picture p's mask."""
+    from mos.shared.sampling.apart import ApartAttnProcessor
+
+    attn = attn1(model)
+    x = torch.randn(2, 64, attn.to_q.in_features, generator=torch.Generator().manual_seed(2))
+    both = ApartAttnProcessor([CORES, []], (8, 8))  # picture 0 keeps two concepts apart, picture 1 has none
+    with torch.no_grad():
+        batch = both(attn, torch.cat([x, x]))  # [uncond 0, uncond 1, cond 0, cond 1]
+        for row, alone in ((0, [CORES]), (1, [[]]), (2, [CORES]), (3, [[]])):
+            one = x[row % 2:row % 2 + 1]
+            torch.testing.assert_close(batch[row:row + 1], ApartAttnProcessor(alone, (8, 8))(attn, one))
+        with pytest.raises(ValueError, match="whole number"):
+            both(attn, x[:1])
+
+
+def test_regional_sampling_keeps_concepts_apart_unless_asked_not_to(model):
+    two = [Region("a <alice>", box=(0, 0, 0.5, 1)), Region("a <bob>", box=(0.5, 0, 1, 1))]
+    lat = initial_latents(model, 1, 3)
+    run = lambda regions, apart: denoise_regional(model, "a <alice> and a <bob>", "", regions, lat, steps=STEPS,
+                                                  progress=False, apart=apart)
+    assert not torch.allclose(run(two, True), run(two, False))
+    plain = [Region("a doll", box=(0, 0, 0.5, 1)), Region("a robot", box=(0.5, 0, 1, 1))]
+    torch.testing.assert_close(run(plain, True), run(plain, False))  # no concept named: nothing changes
+    assert all(type(m.processor).__name__ != "ApartAttnProcessor" for m in (attn1(model, k) for k in range(16)))

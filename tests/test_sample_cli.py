@@ -63,7 +63,7 @@ def test_sample_end_to_end_and_reproduce(workdir):
     preview = Image.open(out.with_name("duo_layout.png"))
     assert preview.width >= 512 and preview.height > preview.width  # scaled up, prompts listed below
     rec = json.loads(out.with_suffix(".json").read_text())
-    assert rec["sampler"] == {"seed": 7, "steps": 3, "guidance": 7.5, "scheduler": "dpm++"}
+    assert rec["sampler"] == {"seed": 7, "steps": 3, "guidance": 7.5, "scheduler": "dpm++", "apart": True}
     assert rec["layout"]["prompt"] == "a photo of <alice> and <bob>" and rec["layout"]["negative"] == "blurry"
     r1, r2 = rec["layout"]["regions"]
     assert (r1["box"], r1["t2i_weight"], r2["box"], r2["negative"]) == ([0, 0, 0.5, 1], 0.5, [0.5, 0, 1, 1],

@@ -76,6 +76,10 @@ def register(sub) -> None:
                    help="ask for one object in each region box: draws <name>_sketch.png (a disc in each box) and "
                         "uses it as the sketch condition with the base's own layout adapter (the world base ships "
                         "one); its weight is --sketch-weight, default the one the adapter was measured at (2)")
+    p.add_argument("--no-apart", dest="apart", action="store_false",
+                   help="let the concepts' pixels attend to each other in self-attention, as the paper's sampler "
+                        "does (default: the middle of each box that names a concept is kept apart from the others', "
+                        "so that concepts of one class do not trade colours; docs/design.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_base_options(p)
     p.set_defaults(run=run)
@@ -210,6 +214,8 @@ def reproduce_command(args, used: dict[str, Any], record_path: Path) -> str:
                 cmd += [f"--{kind}-weight", f"{w:g}"]
         if until(args) != 1:
             cmd += ["--t2i-until", f"{until(args):g}"]
+    if not args.apart:
+        cmd += ["--no-apart"]
     for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
         if value:
             cmd += [flag, value]
@@ -231,7 +237,8 @@ def record(args, used: dict[str, Any], base, adapter, conditions: dict, seconds:
         "image": image.name, "layout_image": layout_png.name if regions else None,
         "layout": {"prompt": used["prompt"], "negative": used["negative"], "size": list(used["size"]),
                    "regions": [r.as_dict() for r in regions]},
-        "sampler": {"seed": args.seed, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler},
+        "sampler": {"seed": args.seed, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
+                    "apart": args.apart},
         "base": {"spec": args.base, "fingerprint": base.fingerprint},
         "adapter": None if adapter is None else {
             "path": args.adapter, "sha256": sha256(adapter_file(args.adapter)), "lora_scale": args.lora_scale,
@@ -291,7 +298,7 @@ def run(args) -> int:
     lat = initial_latents(model, 1, args.seed, size)
     with t2i.attached(base.unet, res, t2i.concept_boxes(regions), t2i.release_timestep(base, until(args))):
         lat = denoise_regional(model, prompt, negative, regions, lat, steps=args.steps, guidance=args.guidance,
-                               scheduler=args.scheduler, progress=not args.quiet)
+                               scheduler=args.scheduler, progress=not args.quiet, apart=args.apart)
     image = decode(model, lat)[0]
     seconds = time.perf_counter() - t0
 

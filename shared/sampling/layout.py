@@ -91,6 +91,16 @@ def _fmt(box: Iterable[float], unit: str) -> str:
     return "(" + ", ".join(f"{v:g}{unit}" for v in box) + ")"
 
 
+def grid_size(latent_hw: tuple[int, int], n_queries: int) -> tuple[int, int]:
+    """Spatial size of an attention layer with n_queries queries: the latent halved (rounding up) until it fits."""
+    h, w = latent_hw
+    while h * w > n_queries:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != n_queries:
+        raise ValueError(f"{n_queries} attention queries match no downsampling of a {latent_hw} latent")
+    return h, w
+
+
 def cells(box: BoxT, h: int, w: int) -> tuple[int, int, int, int]:
     """Rows r0:r1 and columns c0:c1 of an h×w grid that a fractional box covers.
 

@@ -21,19 +21,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mos.shared.sampling.apart import concept_cores, kept_apart
 from mos.shared.sampling.denoise import decode, denoise, initial_latents
-from mos.shared.sampling.layout import BoxT, Region, cells
+from mos.shared.sampling.layout import BoxT, Region, cells, grid_size
 from mos.shared.sd.model import ConceptModel, LayerwiseAttnProcessor, cross_attention_processors
-
-
-def grid_size(latent_hw: tuple[int, int], n_queries: int) -> tuple[int, int]:
-    """Spatial size of an attention layer with n_queries queries: the latent halved (rounding up) until it fits."""
-    h, w = latent_hw
-    while h * w > n_queries:
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != n_queries:
-        raise ValueError(f"{n_queries} attention queries match no downsampling of a {latent_hw} latent")
-    return h, w
 
 
 @dataclass
@@ -145,38 +136,44 @@ def batch_plan(model: ConceptModel, pictures: Sequence[Sequence[Region]], negati
 def denoise_regional(model: ConceptModel, prompt: str, negative: str = "", regions: Sequence[Region] = (),
                      latents: torch.Tensor | None = None, seed: int = 0, steps: int = 20, guidance: float = 7.5,
                      size: tuple[int, int] | None = None, scheduler: str = "dpm++", progress: bool = True,
-                     ) -> torch.Tensor:
+                     apart: bool = True) -> torch.Tensor:
     """Final latents [1, C, h, w] for a global prompt and regions whose boxes are fractions (Region.fractions).
 
     With no regions this is plain layer-wise sampling. T2I-Adapter residuals, when wanted, are attached around this
-    call (`mos.shared.sampling.t2i.attached`).
+    call (`mos.shared.sampling.t2i.attached`). `apart`: concepts' cores kept apart in self-attention (apart.py).
     """
     if latents is None:
         latents = initial_latents(model, 1, seed, size)
-    return denoise_batch(model, [(prompt, regions)], latents, negative, steps, guidance, scheduler, progress)
+    return denoise_batch(model, [(prompt, regions)], latents, negative, steps, guidance, scheduler, progress, apart)
 
 
 def denoise_batch(model: ConceptModel, jobs: Sequence[tuple[str, Sequence[Region]]], latents: torch.Tensor,
                   negative: str = "", steps: int = 20, guidance: float = 7.5, scheduler: str = "dpm++",
-                  progress: bool = True) -> torch.Tensor:
+                  progress: bool = True, apart: bool = True) -> torch.Tensor:
     """Final latents [P, C, h, w] of P pictures, each (prompt, regions), from latents [P, …]; their regions share
-    boxes (batch_plan). On a small base P pictures in one batch cost little more than one."""
+    boxes (batch_plan). On a small base P pictures in one batch cost little more than one. `apart`: the cores of
+    the boxes that name a concept are kept apart in self-attention (apart.py)."""
     if any(r.in_pixels for _, regions in jobs for r in regions):
         raise ValueError("regional sampling takes boxes in fractions: call Region.fractions(size) first")
     cond = model.encode([prompt for prompt, _ in jobs])
     uncond = model.encode([negative] * len(jobs)) if guidance > 1.0 else None
-    ctx = contextlib.nullcontext()
-    if any(regions for _, regions in jobs):
-        plan = batch_plan(model, [regions for _, regions in jobs], negative, guidance, tuple(latents.shape[-2:]))
-        ctx = regional_attention(model, plan)
-    with ctx:
+    with contextlib.ExitStack() as stack:
+        if any(regions for _, regions in jobs):
+            latent_hw = tuple(latents.shape[-2:])
+            pictures = [regions for _, regions in jobs]
+            stack.enter_context(regional_attention(model, batch_plan(model, pictures, negative, guidance, latent_hw)))
+            s = model.base.vae_scale
+            cores = [concept_cores(regions, (latent_hw[1] * s, latent_hw[0] * s), model.base) for regions in pictures]
+            if apart and any(cores):
+                stack.enter_context(kept_apart(model.base.unet, cores, latent_hw))
         return denoise(model, cond, uncond, latents, steps, guidance, scheduler, progress=progress)
 
 
 def sample_regional(model: ConceptModel, prompt: str, negative: str = "", regions: Sequence[Region] = (),
                     seed: int = 0, steps: int = 20, guidance: float = 7.5, size: tuple[int, int] | None = None,
-                    scheduler: str = "dpm++", progress: bool = True) -> Image.Image:
+                    scheduler: str = "dpm++", progress: bool = True, apart: bool = True) -> Image.Image:
     """One image; the same seed gives the same image."""
-    lat = denoise_regional(model, prompt, negative, regions, None, seed, steps, guidance, size, scheduler, progress)
+    lat = denoise_regional(model, prompt, negative, regions, None, seed, steps, guidance, size, scheduler, progress,
+                           apart)
     return decode(model, lat)[0]
 
