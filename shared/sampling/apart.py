@@ -7,7 +7,8 @@ concepts side by side came out all right in 0.62 of the pictures, alice mostly g
 inside one concept's core (the middle of its box, where its object is drawn: `t2i.disc_box`, the layout disc) does
 not see keys inside another concept's core; everything else, background and world objects included, attends as
 before. With it, the same fused model drew all three right in 0.94 and 1.00 of 16 pictures at two seeds
-(docs/world.md, "Trials of the twentieth session"). Boxes whose prompt names no concept are never kept apart, so world objects side by side draw as before.
+(docs/world.md, "Trials of the twentieth session"). Boxes whose prompt names no concept are never kept apart, so
+world objects side by side draw as before.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from mos.shared.sampling.layout import BoxT, Region, cells, grid_size
-from mos.shared.sampling.t2i import disc_box, largest_disc
-from mos.shared.sd.concepts import HANDLE
-from mos.shared.sd.sites import cross_attention_layers
+from mos.shared.sampling.t2i import concept_boxes, disc_box, largest_disc
+from mos.shared.sd.model import self_attention_processors
 
 
 def concept_cores(regions: Sequence[Region], size: tuple[int, int], base) -> list[BoxT]:
     """The cores (fractions) of a picture's boxes whose prompt names a concept; fewer than two means nothing to
     keep apart, so then none."""
-    cores = [disc_box(r.box, size, largest=largest_disc(base)) for r in regions if HANDLE.search(r.prompt)]
+    cores = [disc_box(box, size, largest=largest_disc(base)) for box in concept_boxes(regions)]
     return cores if len(cores) >= 2 else []
 
 
@@ -64,7 +64,8 @@ class ApartAttnProcessor(AttnProcessor2_0):
         b, n, _ = hidden_states.shape
         if b % len(self.cores):
             raise ValueError(f"kept apart: batch {b} is not a whole number of copies of {len(self.cores)} pictures")
-        mask = self.allowed(n, hidden_states.device)[torch.arange(b) % len(self.cores)][:, None]  # [B, 1, N, N]
+        # [B, 1, N, N], broadcast over heads: the stock processor takes a mask too, but copies it per head
+        mask = self.allowed(n, hidden_states.device)[torch.arange(b) % len(self.cores)][:, None]
         heads = attn.heads
         q, k, v = (f(hidden_states) for f in (attn.to_q, attn.to_k, attn.to_v))
         d = k.shape[-1] // heads
@@ -81,13 +82,6 @@ class ApartAttnProcessor(AttnProcessor2_0):
 @contextlib.contextmanager
 def kept_apart(unet: torch.nn.Module, cores: Sequence[Sequence[BoxT]], latent_hw: tuple[int, int]) -> Iterator[None]:
     """ApartAttnProcessor on the transformer blocks' self-attention (attn1) for the length of the block."""
-    layers = [unet.get_submodule(n[: -len("attn2")] + "attn1") for n in cross_attention_layers(unet)]
-    previous = [m.processor for m in layers]
     proc = ApartAttnProcessor(cores, latent_hw)  # one for all: the masks are per resolution, shared
-    try:
-        for m in layers:
-            m.set_processor(proc)
+    with self_attention_processors(unet, lambda k: proc):
         yield
-    finally:
-        for m, p in zip(layers, previous):
-            m.set_processor(p)

@@ -163,8 +163,9 @@ def denoise_batch(model: ConceptModel, jobs: Sequence[tuple[str, Sequence[Region
             pictures = [regions for _, regions in jobs]
             stack.enter_context(regional_attention(model, batch_plan(model, pictures, negative, guidance, latent_hw)))
             s = model.base.vae_scale
-            cores = [concept_cores(regions, (latent_hw[1] * s, latent_hw[0] * s), model.base) for regions in pictures]
-            if apart and any(cores):
+            size = (latent_hw[1] * s, latent_hw[0] * s)
+            cores = [concept_cores(regions, size, model.base) for regions in pictures] if apart else []
+            if any(cores):
                 stack.enter_context(kept_apart(model.base.unet, cores, latent_hw))
         return denoise(model, cond, uncond, latents, steps, guidance, scheduler, progress=progress)
 

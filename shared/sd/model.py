@@ -37,7 +37,20 @@ def install_layerwise(unet: torch.nn.Module) -> None:
 def cross_attention_processors(unet: torch.nn.Module, make: Callable[[int], object]) -> Iterator[None]:
     """Swap in `make(k)` as cross-attention layer k's processor; put the previous ones back afterwards.
     (Regional sampling and the tuning-time attention recorder both extend attention this way.)"""
-    layers = [unet.get_submodule(n) for n in cross_attention_layers(unet)]
+    with _swapped([unet.get_submodule(n) for n in cross_attention_layers(unet)], make):
+        yield
+
+
+@contextlib.contextmanager
+def self_attention_processors(unet: torch.nn.Module, make: Callable[[int], object]) -> Iterator[None]:
+    """The same for the self-attention (attn1) of the transformer block of cross-attention layer k."""
+    names = [n[: -len("attn2")] + "attn1" for n in cross_attention_layers(unet)]
+    with _swapped([unet.get_submodule(n) for n in names], make):
+        yield
+
+
+@contextlib.contextmanager
+def _swapped(layers: list[torch.nn.Module], make: Callable[[int], object]) -> Iterator[None]:
     previous = [m.processor for m in layers]
     try:
         for k, m in enumerate(layers):
