@@ -634,3 +634,28 @@ def test_captions_are_augmented_as_the_reference_does():
                     assert cap in {p.format("<TOK>") for p in prompts}
                     bare.add(cap)
         assert len(bare) >= 4 and len(shuffled) >= 4
+
+
+def test_spatial_rank_sets_the_spatial_layers_rank_only(tmp_path):
+    """`mos tune --spatial-rank`: the spatial layers (fusion's stage 3) get their own rank, the text encoder and the
+    cross-attention k/v keep `--rank`; the adapter loads and draws like any other."""
+    from mos.shared.sd.base import load_base
+    from mos.shared.sd.model import ConceptModel
+    from mos.shared.sd.sites import input_sites
+
+    out = tmp_path / "alice"
+    proc = run_cli("mos", "tune", "--concept", str(DATA / "alice"), "--out", str(out), "--steps", "2", "--rank", "4",
+                   "--spatial-rank", "2", "--checkpoint-every", "2")
+    assert proc.returncode == 0, proc.stderr
+    ad, info = adapter_io.load(out), json.loads((out / "concept.json").read_text())
+    base = load_base("tiny")
+    placement = info["config"]["placement"]
+    stage = {layer: s.stage for s in input_sites(base.text_encoder, base.unet, placement) for layer in s.layers}
+    ranks = {layer: A.shape[0] for layer, (B, A) in ad.lora.items()}
+    assert set(ranks) == set(stage)
+    assert {ranks[l] for l in ranks if stage[l] == 3} == {2} and {ranks[l] for l in ranks if stage[l] < 3} == {4}
+    assert info["config"]["spatial_rank"] == 2
+    ConceptModel.from_adapter(base, ad)  # mixed ranks load
+    bad = run_cli("mos", "tune", "--concept", str(DATA / "alice"), "--out", str(tmp_path / "x"), "--spatial-rank", "0",
+                  check=False)
+    assert bad.returncode != 0 and "ranks" in bad.stderr

@@ -26,6 +26,9 @@ def register(sub) -> None:
                    f"{STEP_CAP['cpu']} on a CPU, {STEP_CAP['cuda']} on a GPU)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the base's recipe: 4, the paper's; "
                    "16 on world)")
+    p.add_argument("--spatial-rank", type=int, default=None, help="rank of the spatial layers' LoRA (self-attention, "
+                   "cross-attention q/out, feed-forward, convolutions; default: --rank). Lower keeps more of each "
+                   "concept through fusion, which shares these layers between concepts")
     p.add_argument("--placement", choices=("attention", "transformer", "wide"), default=None,
                    help="layers that carry LoRA (default: the base's recipe: attention, the paper's; wide on "
                    "tiny/world: + feed-forward, transformer projections and ResNet convolutions)")
@@ -78,7 +81,7 @@ def run(args) -> int:
 
         trigger = args.plain or plain_trigger(args.class_word or read_toml(Path(args.concept)).get("class_word") or "")
     try:
-        config = TuneConfig(steps=args.steps, rank=args.rank, batch_size=args.batch_size, seed=args.seed,
+        config = TuneConfig(steps=args.steps, rank=args.rank, spatial_rank=args.spatial_rank, batch_size=args.batch_size, seed=args.seed,
                             placement=args.placement, mask_outside=args.mask_outside, prior=args.prior,
                             trigger=trigger.strip(), grad_accum=args.grad_accum, crop=args.crop,
                             attention_reg_mode=args.attn_reg, captions=args.captions)

@@ -23,7 +23,7 @@ from mos.shared.sd import lora as lora_mod
 from mos.shared.sd.base import Base
 from mos.shared.sd.concepts import Concept
 from mos.shared.sd.model import ConceptModel
-from mos.shared.sd.sites import lora_target_layers
+from mos.shared.sd.sites import input_sites
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class TuneConfig:
     steps: int | None = None  # None: DEFAULT_PASSES over the images, capped per device (tune() resolves it)
     # None: the base's recipe (settings.RECIPES: the paper's on real bases, the measured one on the toy bases)
     rank: int | None = None
+    spatial_rank: int | None = None      # the spatial layers' rank (sd/sites.py stage 3); None: `rank`
     batch_size: int | None = None
     seed: int = 0
     lr_embedding: float | None = None
@@ -138,6 +139,14 @@ def plain_trigger(class_word: str) -> str:
     return f"sks {class_word}".strip()
 
 
+def layer_ranks(base: Base, config: TuneConfig) -> dict[str, int]:
+    """{layer: LoRA rank}: `rank` on the text encoder and the cross-attention k/v, `spatial_rank` (if set) on the
+    spatial layers, which the concept's shape is learned in and fusion's third stage has to share between concepts."""
+    spatial = config.spatial_rank or config.rank
+    return {layer: spatial if site.stage == 3 else config.rank
+            for site in input_sites(base.text_encoder, base.unet, config.placement) for layer in site.layers}
+
+
 def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
                  gradient_checkpointing: bool = False) -> Trainer:
     """Add the concept (token a random σ=init_std, token b = class word, per layer) and rank-r LoRA to `base`.
@@ -152,8 +161,7 @@ def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
     else:
         concept = Concept(name, class_word, model.prompts.init_embeddings(class_word, g, config.init_std))
     embedding = model.prompts.add(concept, trainable=not config.trigger)
-    layers = lora_target_layers(base.text_encoder, base.unet, config.placement)
-    lora_mod.inject(model.models, {layer: config.rank for layer in layers})
+    lora_mod.inject(model.models, layer_ranks(base, config))
     lora = init_lora(model.models, g)
     embedding.requires_grad_(not config.trigger)  # peft's injection froze every non-LoRA parameter, these rows too
     groups = [
