@@ -56,7 +56,10 @@ class TuneConfig:
     trigger: str = ""  # plain LoRA: no concept tokens, the handle stands for these words (the paper's LoRA baseline)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["spatial_rank"] is None:  # unset, it changes nothing: runs tuned before the field existed stay cached
+            del d["spatial_rank"]
+        return d
 
     def resolved(self, base_spec: str) -> "TuneConfig":
         """Every field the base's recipe decides, filled in (what a run uses, and what its cache key records).
