@@ -81,8 +81,9 @@ def run(args) -> int:
 
         trigger = args.plain or plain_trigger(args.class_word or read_toml(Path(args.concept)).get("class_word") or "")
     try:
-        config = TuneConfig(steps=args.steps, rank=args.rank, spatial_rank=args.spatial_rank, batch_size=args.batch_size, seed=args.seed,
-                            placement=args.placement, mask_outside=args.mask_outside, prior=args.prior,
+        config = TuneConfig(steps=args.steps, rank=args.rank, spatial_rank=args.spatial_rank,
+                            batch_size=args.batch_size, seed=args.seed, placement=args.placement,
+                            mask_outside=args.mask_outside, prior=args.prior,
                             trigger=trigger.strip(), grad_accum=args.grad_accum, crop=args.crop,
                             attention_reg_mode=args.attn_reg, captions=args.captions)
         out = tune(args.concept, args.out, config, args.base, class_word=args.class_word, resume=args.resume,
