@@ -638,7 +638,7 @@ def test_captions_are_augmented_as_the_reference_does():
 
 def test_spatial_rank_sets_the_spatial_layers_rank_only(tmp_path):
     """`mos tune --spatial-rank`: the spatial layers (fusion's stage 3) get their own rank, the text encoder and the
-    cross-attention k/v keep `--rank`; the adapter loads and draws like any other."""
+    cross-attention k/v keep `--rank`; the adapter loads like any other, and a rank below 1 is refused."""
     from mos.shared.sd.base import load_base
     from mos.shared.sd.model import ConceptModel
     from mos.shared.sd.sites import input_sites

@@ -115,7 +115,8 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = 
     """`tune()`, also handing back the tuned model in memory (callers that go on using it skip a reload).
     `on_step(steps_done, stats)` is called after every step (raising from it stops the run, keeping the last
     checkpoint)."""
-    if any(v is not None and v < 1 for v in (config.rank, config.spatial_rank, config.batch_size, config.steps, config.grad_accum)):
+    sizes = (config.rank, config.spatial_rank, config.batch_size, config.steps, config.grad_accum)
+    if any(v is not None and v < 1 for v in sizes):
         raise ValueError("ranks, batch size, gradient accumulation and steps must be positive")
     if config.prior is not None and not config.prior >= 0:
         raise ValueError(f"the prior's weight must be 0 (off) or more, not {config.prior}")
