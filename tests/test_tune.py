@@ -659,3 +659,38 @@ def test_spatial_rank_sets_the_spatial_layers_rank_only(tmp_path):
     bad = run_cli("mos", "tune", "--concept", str(DATA / "alice"), "--out", str(tmp_path / "x"), "--spatial-rank", "0",
                   check=False)
     assert bad.returncode != 0 and "ranks" in bad.stderr
+
+
+def test_init_word_starts_the_first_token_at_the_word(tmp_path):
+    """concept.toml's `init_word` (or `--init-word`) starts token a at (half) that word's embedding in every layer, token b
+    still at the class word's; the LoRA's random start is the same as without it; a word of two tokens is refused,
+    and the run records the word."""
+    from mos.client.tuning.data import load_concept
+    from mos.client.tuning.edlora import make_trainer
+    from mos.shared.sd.base import load_base
+    from mos.shared.sd.concepts import INIT_WORD_SCALE
+
+    folder = tmp_path / "alice"
+    shutil.copytree(DATA / "alice", folder)
+    (folder / "concept.toml").write_text('name = "alice"\nclass_word = "diamond"\ninit_word = " red "\n')
+    assert load_concept(folder, 64).init_word == "red"
+    cfg = TuneConfig(steps=1)
+    started = make_trainer(load_base("tiny"), "alice", "diamond", cfg, init_word="red")
+    plain = make_trainer(load_base("tiny"), "alice", "diamond", cfg)
+    prompts = started.model.prompts
+    table = prompts.embedding.base.weight.detach().float().cpu()
+    red, diamond = (table[prompts.word_id(w, "word")] for w in ("red", "diamond"))
+    red = red * INIT_WORD_SCALE
+    emb, emb0 = started.embedding.detach().cpu(), plain.embedding.detach().cpu()
+    assert torch.equal(emb[:, 0], red.expand_as(emb[:, 0])) and torch.equal(emb[:, 1], diamond.expand_as(emb[:, 1]))
+    assert emb0[:, 0].norm(dim=-1).max() < 0.1 and torch.equal(emb0[:, 1], emb[:, 1])
+    assert all(torch.equal(started.lora[k][0], plain.lora[k][0]) for k in started.lora)  # same LoRA draws
+    with pytest.raises(ValueError, match="init word 'zzqx' is 2 tokens"):
+        prompts.init_embeddings("diamond", torch.Generator().manual_seed(0), init_word="zzqx")
+    out = tmp_path / "out"
+    proc = run_cli("mos", "tune", "--concept", str(folder), "--out", str(out), "--steps", "1", "--init-word", "green",
+                   "--checkpoint-every", "0")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((out / "concept.json").read_text())
+    assert info["init_word"] == "green" and info["cache_key"]["init_word"] == "green"
+

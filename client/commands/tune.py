@@ -15,7 +15,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("tune", help=HELP, description=(
         "Tune a concept's ED-LoRA (two layer-wise tokens + LoRA) from a folder of images with optional "
-        "<stem>.txt captions (<TOK> marks the concept), masks/<stem>.png and concept.toml (name, class_word, kind). "
+        "<stem>.txt captions (<TOK> marks the concept), masks/<stem>.png and concept.toml (name, class_word, kind, "
+        "init_word). "
         "A finished output folder with the same data, settings and base is reused as it is."))
     p.add_argument("--concept", required=True, help="concept folder")
     p.add_argument("--out", required=True, help="output folder (adapter.safetensors, concept.json, loss.png, "
@@ -39,6 +40,9 @@ def register(sub) -> None:
                    "the world base's recipe sets it)")
     p.add_argument("--class-word", default=None, help="class word that initialises the second token (one token: "
                    "dog, woman, toy...; default: class_word in concept.toml)")
+    p.add_argument("--init-word", default=None, help="word that initialises the first token (one token that says "
+                   "what sets the concept apart from its class, e.g. its colour; default: init_word in concept.toml, "
+                   "else a small random vector, as the reference)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw: same seed, same adapter (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the base's "
@@ -86,8 +90,8 @@ def run(args) -> int:
                             mask_outside=args.mask_outside, prior=args.prior,
                             trigger=trigger.strip(), grad_accum=args.grad_accum, crop=args.crop,
                             attention_reg_mode=args.attn_reg, captions=args.captions)
-        out = tune(args.concept, args.out, config, args.base, class_word=args.class_word, resume=args.resume,
-                   checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
+        out = tune(args.concept, args.out, config, args.base, class_word=args.class_word, init_word=args.init_word,
+                   resume=args.resume, checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
                    gradient_checkpointing=args.gradient_checkpointing, progress=not args.no_progress)
     except FloatingPointError as e:  # diverged: say so in one line, the checkpoint is kept
         print(f"mos tune: error: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@
     data/alice/
         00.png  00.txt        caption with <TOK> where the concept goes (optional)
         masks/00.png          white where the concept is (optional)
-        concept.toml          name = "alice", class_word = "doll", kind = "object" (optional)
+        concept.toml          name = "alice", class_word = "doll", kind = "object", init_word = "red" (optional)
 
 Every random choice of a step (which images, crop, flip) comes from a generator seeded by (seed, step), so a
 resumed run draws exactly what an uninterrupted one would.
@@ -73,6 +73,7 @@ class ConceptData:
     digest: str
     skipped: list[str] = field(default_factory=list)  # "file: reason" of unreadable images
     kind: str = "object"  # concept.toml `kind`: decides the default crop and attention regulariser
+    init_word: str | None = None  # concept.toml `init_word`: token a starts at this word (edlora.make_trainer)
 
     @property
     def has_masks(self) -> bool:
@@ -211,8 +212,9 @@ def load_concept(folder: str | Path, resolution: int, class_word: str | None = N
         raise ValueError(f"concept folder {folder}: none of its {len(files)} image(s) could be read")
     name = sanitize_name(str(meta.get("name") or folder.resolve().name))
     cw = class_word or meta.get("class_word")
+    iw = str(meta.get("init_word") or "").strip() or None
     return ConceptData(folder, name, str(cw).strip() if cw else None, items, h.hexdigest()[:32], skipped,
-                       concept_kind(meta, folder))
+                       concept_kind(meta, folder), iw)
 
 
 def concept_kind(meta: dict, folder: Path) -> str:

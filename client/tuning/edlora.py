@@ -151,8 +151,9 @@ def layer_ranks(base: Base, config: TuneConfig) -> dict[str, int]:
 
 
 def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
-                 gradient_checkpointing: bool = False) -> Trainer:
-    """Add the concept (token a random σ=init_std, token b = class word, per layer) and rank-r LoRA to `base`.
+                 gradient_checkpointing: bool = False, init_word: str | None = None) -> Trainer:
+    """Add the concept (token a random σ=init_std or the init word, token b = class word, per layer) and rank-r
+    LoRA to `base`.
     With config.trigger, a plain LoRA: the concept has no tokens, its handle stands for the trigger words.
     Fields the config leaves unset come from the base's recipe."""
     config = config.resolved(base.spec)
@@ -162,7 +163,7 @@ def make_trainer(base: Base, name: str, class_word: str, config: TuneConfig,
         empty = torch.zeros(model.n_layers, 0, base.text_encoder.config.hidden_size)
         concept = Concept(name, class_word, empty, trigger=config.trigger)
     else:
-        concept = Concept(name, class_word, model.prompts.init_embeddings(class_word, g, config.init_std))
+        concept = Concept(name, class_word, model.prompts.init_embeddings(class_word, g, config.init_std, init_word))
     embedding = model.prompts.add(concept, trainable=not config.trigger)
     lora_mod.inject(model.models, layer_ranks(base, config))
     lora = init_lora(model.models, g)

@@ -100,17 +100,17 @@ def tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = Tune
 
     `config` decides what is computed (config.trigger: a plain LoRA instead, no concept tokens, the handle
     stands for the trigger words). `base` is a spec (see mos.shared.sd.base) or an already loaded Base, which is
-    then modified in place. `options` are run_tune's keywords (class_word, resume, checkpoint_every, device,
-    dtype, gradient_checkpointing, progress, on_step). Bad input (no images, a class word that is not one
+    then modified in place. `options` are run_tune's keywords (class_word, init_word, resume, checkpoint_every,
+    device, dtype, gradient_checkpointing, progress, on_step). Bad input (no images, a class word that is not one
     token, ...) raises ValueError.
     """
     return run_tune(concept_dir, out_dir, config, base, **options).out
 
 
 def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = TuneConfig(),
-             base: str | Base = "tiny", *, class_word: str | None = None, resume: bool = False,
-             checkpoint_every: int = CHECKPOINT_EVERY, device: str | None = None, dtype: str | None = None,
-             gradient_checkpointing: bool = False, progress: bool = True,
+             base: str | Base = "tiny", *, class_word: str | None = None, init_word: str | None = None,
+             resume: bool = False, checkpoint_every: int = CHECKPOINT_EVERY, device: str | None = None,
+             dtype: str | None = None, gradient_checkpointing: bool = False, progress: bool = True,
              on_step: Callable[[int, StepStats], None] | None = None) -> Tuned:
     """`tune()`, also handing back the tuned model in memory (callers that go on using it skip a reload).
     `on_step(steps_done, stats)` is called after every step (raising from it stops the run, keeping the last
@@ -124,18 +124,22 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = 
     image_files(concept_dir)  # an empty or missing folder fails before a base is loaded
     base_obj = base if isinstance(base, Base) else load_base(base, device, dtype)
     data = load_concept(concept_dir, base_obj.resolution, class_word)
+    # a plain LoRA has no tokens to start anywhere
+    data.init_word = None if config.trigger else (init_word or data.init_word)
     if not data.class_word:
         raise ValueError(f"no class word for {data.folder}: put class_word = \"...\" in concept.toml or pass "
                          "--class-word (one word the base knows, e.g. dog, woman, toy)")
     config = settle(config, data, base_obj)
     key = {"name": data.name, "class_word": data.class_word, "data_digest": data.digest,
            "base_fingerprint": base_obj.fingerprint, "config": config.as_dict()}
+    if data.init_word:  # unset, it is left out: runs tuned before it existed stay cached
+        key["init_word"] = data.init_word
     if cached(out, key):
         say(f"reusing cached adapter {out / adapter_mod.FILENAME} (same data, settings and base)", sys.stderr)
         return Tuned(out, True, None, data)
     out.mkdir(parents=True, exist_ok=True)
     (out / "concept.json").unlink(missing_ok=True)  # from here on the folder is not a finished run
-    trainer = make_trainer(base_obj, data.name, data.class_word, config, gradient_checkpointing)
+    trainer = make_trainer(base_obj, data.name, data.class_word, config, gradient_checkpointing, data.init_word)
     start = time.time()
     if config.prior:
         trainer.prior = draw_prior(trainer.model, data, data.class_word, config.seed)
@@ -203,7 +207,8 @@ def write_outputs(trainer: Trainer, data: ConceptData, out: Path, key: dict, sec
     fifth = max(1, len(trainer.losses) // 5)
     info = {
         "name": concept.name, "handle": concept.handle, "tokens": concept.tokens, "class_word": concept.class_word,
-        "base": base.spec, "base_fingerprint": base.fingerprint, "rank": cfg.rank, "steps": cfg.steps,
+        "init_word": data.init_word, "base": base.spec, "base_fingerprint": base.fingerprint, "rank": cfg.rank,
+        "steps": cfg.steps,
         "cross_attention_layers": trainer.model.n_layers, "target_layers": layers,
         "data_digest": data.digest, "images": [it.stem for it in data.items], "skipped": data.skipped,
         "masks": data.has_masks, "captions": [it.caption for it in data.items],

@@ -106,6 +106,13 @@ class ConceptEmbedding(nn.Module):
         return torch.where(new[..., None], extra[(ids - self.vocab).clamp(min=0)], out)
 
 
+# Token a starts at half its init word's embedding. At the whole word, two stars of the world base started at "red"
+# and "green" kept their colours through fusion, but their own adapters drew them less often (carol 0.75 and 0.83 of
+# 48 pictures, against 0.98 and 1.00 started random); at half, the own rates came back (0.90-1.00) and fusion still
+# kept them (docs/world.md, "Trials of the twenty-second session").
+INIT_WORD_SCALE = 0.5
+
+
 class PromptEncoder:
     """Tokenises prompts with concept handles and encodes them layer-wise."""
 
@@ -158,15 +165,24 @@ class PromptEncoder:
                 out.append(Concept(n, self.classes[n], self.embedding.tables[n].detach().float().cpu().clone()))
         return out
 
-    def init_embeddings(self, class_word: str, generator: torch.Generator, std: float = 0.013) -> torch.Tensor:
-        """Token a: random (σ=std); token b: the class word's embedding; the same start in every layer."""
-        ids = self.tokenizer(class_word, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise ValueError(f"class word {class_word!r} is {len(ids)} tokens; pick a word that is one token "
-                             "(e.g. 'woman', 'dog', 'toy')")
+    def init_embeddings(self, class_word: str, generator: torch.Generator, std: float = 0.013,
+                        init_word: str | None = None) -> torch.Tensor:
+        """Token a: random (σ=std), or `init_word`'s embedding times INIT_WORD_SCALE; token b: the class word's;
+        the same start in every layer. An init word says what sets the concept apart from its class (its colour, say), so that the tokens,
+        not only the LoRA, carry it from the first step (docs/design.md, "ED-LoRA")."""
         base = self.embedding.base.weight.detach().float().cpu()
-        a = torch.randn(base.shape[1], generator=generator) * std
-        return torch.stack([a, base[ids[0]]]).expand(self.n_layers, -1, -1).clone()
+        a = torch.randn(base.shape[1], generator=generator) * std  # drawn either way: the LoRA's draws follow it
+        if init_word:
+            a = base[self.word_id(init_word, "init word")] * INIT_WORD_SCALE
+        return torch.stack([a, base[self.word_id(class_word, "class word")]]).expand(self.n_layers, -1, -1).clone()
+
+    def word_id(self, word: str, what: str) -> int:
+        """The one token id of `word`; a word the tokenizer splits is refused."""
+        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"{what} {word!r} is {len(ids)} tokens; pick a word that is one token "
+                             "(e.g. 'woman', 'dog', 'toy', 'red')")
+        return ids[0]
 
     # --- prompts -------------------------------------------------------------------------------------------
 
