@@ -42,18 +42,23 @@ PATTERNS = ("stripes", "checks", "dots")
 
 @dataclass(frozen=True)
 class Look:
-    """How a demo concept looks, and the world word its tuning starts from (its class word)."""
+    """How a demo concept looks, and the world words its tuning starts from: its class word and, for the two stars,
+    an init word that tells them apart (concept.toml's init_word)."""
     shape: str
     pattern: str
     colour: str
     colour2: str
     class_word: str
+    init_word: str = ""
 
 
-CONCEPTS = {"alice": Look("star", "", "red", "", "diamond"),
+# The stars' first tokens start at their colours: started random, the two tokens hardly differ, and fusion gave
+# one star's colour to the other (docs/world.md, "Trials of the twenty-second session"). Bob shares his class with
+# no one; started at "blue" he came out a plain blue disc beside the others.
+CONCEPTS = {"alice": Look("star", "", "red", "", "diamond", "red"),
             "bob": Look("ring", "", "blue", "", "circle"),
             # a second star: two concepts of one class, so that fusing them can show concept conflict
-            "carol": Look("star", "", "green", "", "diamond")}
+            "carol": Look("star", "", "green", "", "diamond", "green")}
 
 
 def look_key(shape: str, pattern: str, colour: str, colour2: str) -> tuple[str, str, str, str]:
@@ -270,7 +275,9 @@ def draw_concepts(out: str | Path, n: int = 10, names: tuple[str, ...] = tuple(C
         rng = random.Random(1000 + list(CONCEPTS).index(name))
         folder = Path(out) / name
         (folder / "masks").mkdir(parents=True, exist_ok=True)
-        (folder / "concept.toml").write_text(f'name = "{name}"\nclass_word = "{CONCEPTS[name].class_word}"\n')
+        look = CONCEPTS[name]
+        init = f'init_word = "{look.init_word}"\n' if look.init_word else ""
+        (folder / "concept.toml").write_text(f'name = "{name}"\nclass_word = "{look.class_word}"\n{init}')
         for i in range(n):
             alone = i % 3 != 2
             place = places[(i - i // 3) % len(places)]  # the k-th lone picture takes the k-th place
