@@ -168,8 +168,8 @@ class PromptEncoder:
     def init_embeddings(self, class_word: str, generator: torch.Generator, std: float = 0.013,
                         init_word: str | None = None) -> torch.Tensor:
         """Token a: random (σ=std), or `init_word`'s embedding times INIT_WORD_SCALE; token b: the class word's;
-        the same start in every layer. An init word says what sets the concept apart from its class (its colour, say), so that the tokens,
-        not only the LoRA, carry it from the first step (docs/design.md, "ED-LoRA")."""
+        the same start in every layer. An init word says what sets the concept apart from its class (its colour,
+        say), so that the tokens, not only the LoRA, carry it from the first step (docs/design.md, "ED-LoRA")."""
         base = self.embedding.base.weight.detach().float().cpu()
         a = torch.randn(base.shape[1], generator=generator) * std  # drawn either way: the LoRA's draws follow it
         if init_word:
