@@ -662,9 +662,9 @@ def test_spatial_rank_sets_the_spatial_layers_rank_only(tmp_path):
 
 
 def test_init_word_starts_the_first_token_at_the_word(tmp_path):
-    """concept.toml's `init_word` (or `--init-word`) starts token a at (half) that word's embedding in every layer, token b
-    still at the class word's; the LoRA's random start is the same as without it; a word of two tokens is refused,
-    and the run records the word."""
+    """concept.toml's `init_word` (or `--init-word`) starts token a at half that word's embedding in every layer,
+    token b still at the class word's; the LoRA's random start is the same as without it; a word of two tokens is
+    refused, and the run records the word."""
     from mos.client.tuning.data import load_concept
     from mos.client.tuning.edlora import make_trainer
     from mos.shared.sd.base import load_base
