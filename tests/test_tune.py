@@ -693,4 +693,3 @@ def test_init_word_starts_the_first_token_at_the_word(tmp_path):
     assert proc.returncode == 0, proc.stderr
     info = json.loads((out / "concept.json").read_text())
     assert info["init_word"] == "green" and info["cache_key"]["init_word"] == "green"
-

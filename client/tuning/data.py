@@ -175,8 +175,10 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_concept(folder: str | Path, resolution: int, class_word: str | None = None) -> ConceptData:
-    """Read a concept folder; bad files are skipped with a warning, no usable image is an error."""
+def load_concept(folder: str | Path, resolution: int, class_word: str | None = None,
+                 init_word: str | None = None) -> ConceptData:
+    """Read a concept folder; bad files are skipped with a warning, no usable image is an error. `class_word` and
+    `init_word`, where given, override concept.toml's."""
     folder = Path(folder)
     files = image_files(folder)
     meta = read_toml(folder)
@@ -212,7 +214,7 @@ def load_concept(folder: str | Path, resolution: int, class_word: str | None = N
         raise ValueError(f"concept folder {folder}: none of its {len(files)} image(s) could be read")
     name = sanitize_name(str(meta.get("name") or folder.resolve().name))
     cw = class_word or meta.get("class_word")
-    iw = str(meta.get("init_word") or "").strip() or None
+    iw = str(init_word or meta.get("init_word") or "").strip() or None
     return ConceptData(folder, name, str(cw).strip() if cw else None, items, h.hexdigest()[:32], skipped,
                        concept_kind(meta, folder), iw)
 

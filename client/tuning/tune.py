@@ -123,9 +123,9 @@ def run_tune(concept_dir: str | Path, out_dir: str | Path, config: TuneConfig = 
     out = Path(out_dir)
     image_files(concept_dir)  # an empty or missing folder fails before a base is loaded
     base_obj = base if isinstance(base, Base) else load_base(base, device, dtype)
-    data = load_concept(concept_dir, base_obj.resolution, class_word)
-    # a plain LoRA has no tokens to start anywhere
-    data.init_word = None if config.trigger else (init_word or data.init_word)
+    data = load_concept(concept_dir, base_obj.resolution, class_word, init_word)
+    if config.trigger:  # a plain LoRA has no tokens to start anywhere
+        data.init_word = None
     if not data.class_word:
         raise ValueError(f"no class word for {data.folder}: put class_word = \"...\" in concept.toml or pass "
                          "--class-word (one word the base knows, e.g. dog, woman, toy)")
