@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 
 if [ "$quick" = 0 ] && "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   mode=gpu
-  # sd15-random is built in memory by every process (random weights, then fingerprinted): tens of seconds each.
+  # sd15-random is built by the first part (20-30 s, 4 GB under MOS_HOME/bases); every later process reads it back.
   step=(--base sd15-random --device cuda --resolution 512 --steps 10 --warmup 3)
   stats=(--base sd15-random --device cuda --sample-steps 20 --reps 2)
   regional=(--base sd15-random --device cuda --size 512x512 --steps 20 --reps 3)

@@ -68,7 +68,7 @@ def prepare_adapters(n: int, base: str, steps: int, cache: Path, device: str | N
     from mos.client.tuning.tune import run_tune
     from mos.shared.sd.base import load_base
 
-    out, loaded = {}, None  # one base serves every cached adapter (sd15-random takes ~35 s to build)
+    out, loaded = {}, None  # one base serves every cached adapter (loading and fingerprinting one takes seconds)
     for i, name in enumerate(concept_names(n)):
         src = REPO / "data" / SOURCES[i % len(SOURCES)]
         folder = cache / "concepts" / name

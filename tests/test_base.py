@@ -47,6 +47,21 @@ def test_other_seed_and_changed_weight_change_fingerprint(tiny_base):
             w[0, 0, 0, 0] = old
 
 
+def test_sd15_random_is_built_once_then_read_back(tiny_base, tmp_path, monkeypatch):
+    """sd15-random's folder is written by its first load and read by the next, with the weights drawn in memory.
+    Here its recipe is swapped for tiny's (SD1.5's 4 GB are not built in the suite): the same seed and recipe then
+    give tiny's own weights, so both loads must carry tiny's fingerprint."""
+    from mos.shared.sd import architectures, base
+
+    monkeypatch.setenv("MOS_HOME", str(tmp_path))
+    monkeypatch.setattr(architectures, "sd15", architectures.tiny)
+    first = base.load_base("sd15-random")
+    assert (tmp_path / "bases" / f"sd15-random-v{base.FORMAT_VERSION}-seed0" / "unet").is_dir()
+    monkeypatch.setattr(base, "build_random", lambda *a: pytest.fail("sd15-random was built again"))
+    again = base.load_base("sd15-random")
+    assert first.fingerprint == again.fingerprint == tiny_base.fingerprint
+
+
 def test_save_load_roundtrip_gives_identical_unet_outputs(tiny_base, tmp_path):
     from mos.shared.sd.base import load_base
 

@@ -5,7 +5,7 @@ A base is named by a spec string:
   tiny:SEED      the same architecture with other weights (a *different* base: its fingerprint differs)
   world          the toy world's base: tiny's layout pretrained on shared/world.py's scenes (weights ship with the
                  package, shared/world/weights/; made by scripts/train_world.py)
-  sd15-random    the full SD1.5 architecture with random weights, built in memory (benchmarks)
+  sd15-random    the full SD1.5 architecture with random weights (benchmarks), built once and cached on disk
   PATH           a local diffusers folder (model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/)
   FILE.safetensors  a single-file SD1.x checkpoint, read offline with the embedded SD1.5 configs
 Nothing is ever downloaded.
@@ -178,6 +178,15 @@ def tiny_folder(seed: int = 0) -> Path:
     return folder
 
 
+def sd15_random_folder(seed: int = 0) -> Path:
+    """sd15-random as a diffusers folder, built once and cached under MOS_HOME (4 GB of float32 weights): drawing
+    its 1.07 B random weights takes 20-30 s in every process that loads it, reading them back about one."""
+    folder = mos_home() / "bases" / f"sd15-random-v{FORMAT_VERSION}-seed{seed}"
+    if not (folder / "model_index.json").is_file():
+        _write_folder(folder, architectures.sd15(), seed)
+    return folder
+
+
 # The toy world's pretrained base ships with the world package (scripts/train_world.py makes it).
 WORLD_WEIGHTS = Path(__file__).resolve().parents[1] / "world" / "weights"
 WORLD_LAYOUT = Path(__file__).resolve().parents[1] / "world" / "layout"
@@ -332,10 +341,7 @@ def load_base(spec: str = "tiny", device: str | None = None, dtype: str | None =
     elif kind == "world":
         tok, te, unet, vae, sched = _load_folder(world_folder())
     elif kind == "sd15-random":
-        folder = sd15_config_folder()
-        tok = load_tokenizer(folder / "tokenizer")
-        te, unet, vae = build_random(architectures.sd15(), seed)
-        sched = {"_class_name": "DDPMScheduler", **architectures.SCHEDULER}
+        tok, te, unet, vae, sched = _load_folder(sd15_random_folder(seed))
     elif kind == "file":
         tok, te, unet, vae, sched = _load_single_file(path)
     else:
