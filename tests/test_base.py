@@ -48,9 +48,9 @@ def test_other_seed_and_changed_weight_change_fingerprint(tiny_base):
 
 
 def test_sd15_random_is_built_once_then_read_back(tiny_base, tmp_path, monkeypatch):
-    """sd15-random's folder is written by its first load and read by the next, with the weights drawn in memory.
-    Here its recipe is swapped for tiny's (SD1.5's 4 GB are not built in the suite): the same seed and recipe then
-    give tiny's own weights, so both loads must carry tiny's fingerprint."""
+    """sd15-random's first load writes its folder and the next reads it back instead of building it again. Here its
+    recipe is swapped for tiny's (SD1.5's 4 GB are not built in the suite): the same seed and recipe then give
+    tiny's own weights, so both loads must carry tiny's fingerprint."""
     from mos.shared.sd import architectures, base
 
     monkeypatch.setenv("MOS_HOME", str(tmp_path))

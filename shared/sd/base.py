@@ -30,7 +30,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from mos.shared.sd import architectures
 from mos.shared.sd.tokenizer import load_tokenizer, write_tokenizer_files
 
-FORMAT_VERSION = 1  # bump when the tiny base's recipe changes: it changes every fingerprint
+FORMAT_VERSION = 1  # bump when tiny's or sd15-random's recipe changes: it changes every fingerprint (and cache)
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
 
