@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -170,21 +170,22 @@ def _save_config(cls, config: dict, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def tiny_folder(seed: int = 0) -> Path:
-    """The tiny base as a diffusers folder, built once and cached under MOS_HOME."""
-    folder = mos_home() / "bases" / f"tiny-v{FORMAT_VERSION}-seed{seed}"
+def _built_folder(name: str, recipe: Callable[[], dict], seed: int) -> Path:
+    """A random-weight base as a diffusers folder, built once from `recipe` and cached under MOS_HOME."""
+    folder = mos_home() / "bases" / f"{name}-v{FORMAT_VERSION}-seed{seed}"
     if not (folder / "model_index.json").is_file():
-        _write_folder(folder, architectures.tiny(), seed)
+        _write_folder(folder, recipe(), seed)
     return folder
+
+
+def tiny_folder(seed: int = 0) -> Path:
+    return _built_folder("tiny", architectures.tiny, seed)
 
 
 def sd15_random_folder(seed: int = 0) -> Path:
-    """sd15-random as a diffusers folder, built once and cached under MOS_HOME (4 GB of float32 weights): drawing
-    its 1.07 B random weights takes 20-30 s in every process that loads it, reading them back about one."""
-    folder = mos_home() / "bases" / f"sd15-random-v{FORMAT_VERSION}-seed{seed}"
-    if not (folder / "model_index.json").is_file():
-        _write_folder(folder, architectures.sd15(), seed)
-    return folder
+    """4 GB of float32 weights: drawing its 1.07 B random weights took 20-30 s in every process that loaded it,
+    reading them back takes about one."""
+    return _built_folder("sd15-random", architectures.sd15, seed)
 
 
 # The toy world's pretrained base ships with the world package (scripts/train_world.py makes it).
